@@ -1,0 +1,20 @@
+"""fpn_rpn: FPN multi-level Region Proposal Network components for Detectron2.
+
+Importing this package registers, in Detectron2's registries:
+
+- ``FPNAnchorGenerator`` (ANCHOR_GENERATOR_REGISTRY)
+- ``FPNRPNHead`` (RPN_HEAD_REGISTRY)
+- ``FPNRPN`` (PROPOSAL_GENERATOR_REGISTRY)
+
+Call :func:`add_fpn_rpn_config` on a config before merging a YAML that uses them.
+"""
+from .compat import apply as _apply_compat
+
+_apply_compat()  # must run before anything imports detectron2
+
+from .config import add_fpn_rpn_config  # noqa: E402
+from .anchor_generator import FPNAnchorGenerator  # noqa: E402
+from .rpn_head import FPNRPNHead  # noqa: E402
+from .proposal_generator import FPNRPN  # noqa: E402
+
+__all__ = ["add_fpn_rpn_config", "FPNAnchorGenerator", "FPNRPNHead", "FPNRPN"]

@@ -1,0 +1,104 @@
+import math
+from typing import List, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import (
+    ANCHOR_GENERATOR_REGISTRY,
+    DefaultAnchorGenerator,
+)
+
+__all__ = ["FPNAnchorGenerator", "validate_anchor_params"]
+
+
+def _per_level(values, num_levels: int, key: str) -> List[List[float]]:
+    """Broadcast one list to all levels, as Detectron2 does, or check one list per level."""
+    if not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{key} must be a non-empty list, got {values!r}")
+    if not isinstance(values[0], Sequence):
+        values = [values]
+    if len(values) == 1:
+        values = list(values) * num_levels
+    if len(values) != num_levels:
+        raise ValueError(
+            f"{key} has {len(values)} lists but there are {num_levels} feature levels "
+            f"(MODEL.RPN.IN_FEATURES): give one list per level, or one list for all levels"
+        )
+    return [list(v) for v in values]
+
+
+def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
+                           sizes_key: str = "sizes", ratios_key: str = "ratios"):
+    """Return (sizes, ratios) as one list per level; raise ValueError naming the bad key."""
+    sizes = _per_level(sizes, num_levels, sizes_key)
+    ratios = _per_level(ratios, num_levels, ratios_key)
+    for key, per_level in ((sizes_key, sizes), (ratios_key, ratios)):
+        for level, values in enumerate(per_level):
+            if len(values) == 0:
+                raise ValueError(f"{key}[{level}] is empty: each level needs at least one value")
+            bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"{key}[{level}] = {values}: values must be positive numbers, got {bad}")
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
+    if len(set(len(s) * len(r) for s, r in zip(sizes, ratios))) != 1:
+        raise ValueError(
+            f"{sizes_key} x {ratios_key} must give the same number of anchors on every level "
+            "(the RPN head is shared across levels)"
+        )
+    return sizes, ratios
+
+
+@ANCHOR_GENERATOR_REGISTRY.register()
+class FPNAnchorGenerator(DefaultAnchorGenerator):
+    """
+    Anchors for FPN levels P2-P6: by default one size per level (32 ... 512 px) and
+    aspect ratios r = width / height, so anchor k at a location has
+    ``w = s * sqrt(r)`` and ``h = s / sqrt(r)`` (area s^2).
+
+    Detectron2's DefaultAnchorGenerator uses ratios a = height / width; configured
+    with ``ratios = [1 / a for a in aspect_ratios]`` and the same sizes, strides and
+    offset, this class yields exactly its anchors, in the same order.
+    """
+
+    @configurable
+    def __init__(self, *, sizes, ratios, strides, offset: float = 0.0):
+        """
+        Args:
+            sizes (list[list[float]] or list[float]): anchor sizes (sqrt of area, input
+                pixels) per level, or one list for all levels.
+            ratios (list[list[float]] or list[float]): aspect ratios width / height, per
+                level or one list for all levels.
+            strides (list[int]): stride of each input feature map.
+            offset (float): anchor centres are at ``(i + offset) * stride``; 0.0 is
+                Detectron2's config default, 0.5 centres anchors in their cell.
+        """
+        sizes, ratios = validate_anchor_params(sizes, ratios, len(strides), offset)
+        # The parent's cell anchors take a = height / width: w = sqrt(s^2 / a) and
+        # h = a * w, which is w = s * sqrt(r), h = s / sqrt(r) for r = 1 / a.
+        super().__init__(
+            sizes=sizes,
+            aspect_ratios=[[1.0 / r for r in level] for level in ratios],
+            strides=strides,
+            offset=offset,
+        )
+        self.ratios = ratios
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        num_levels = len(input_shape)
+        sizes, ratios = validate_anchor_params(
+            cfg.MODEL.ANCHOR_GENERATOR.SIZES,
+            cfg.MODEL.FPN_RPN.ANCHOR_RATIOS,
+            num_levels,
+            cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
+            sizes_key="MODEL.ANCHOR_GENERATOR.SIZES",
+            ratios_key="MODEL.FPN_RPN.ANCHOR_RATIOS",
+        )
+        return {
+            "sizes": sizes,
+            "ratios": ratios,
+            "strides": [x.stride for x in input_shape],
+            "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
+        }

@@ -1,0 +1,169 @@
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, cat
+from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
+from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+
+from .config_checks import check_rpn_config
+from .proposal_utils import find_top_proposals
+
+__all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
+
+NMS_MODES = ("cross_level", "per_level")
+LOSS_NORMALIZERS = ("batch_size", "num_sampled", "num_positive", "anchor_locations")
+BOX_REG_LOSS_TYPES = ("smooth_l1", "l1", "giou")
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class FPNRPN(RPN):
+    """
+    Multi-level RPN for FPN. Training is Detectron2's RPN (IoU matching with the
+    best anchor per ground truth kept, balanced sampling, objectness + box losses)
+    with configurable loss normalisation. At inference, the per-level top-K
+    proposals of all levels go through one class-agnostic NMS per image
+    ("cross_level"), so a box predicted on two levels is kept once; "per_level"
+    reproduces Detectron2's RPN exactly. Every step runs batched over images.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        nms_mode: str = "cross_level",
+        score_thresh: float = 0.0,
+        cls_loss_normalizer: str = "batch_size",
+        loc_loss_normalizer: str = "batch_size",
+        **kwargs,
+    ):
+        """
+        Args:
+            nms_mode (str): "cross_level" (one NMS over all levels of an image) or
+                "per_level" (NMS inside each level, as Detectron2).
+            score_thresh (float): in [0, 1); proposals whose objectness probability is
+                below it are dropped before NMS at inference.
+            cls_loss_normalizer, loc_loss_normalizer (str): divisor of the summed
+                objectness / box losses, one of :data:`LOSS_NORMALIZERS`.
+            box_reg_loss_type (str): "smooth_l1" (with ``smooth_l1_beta``), "l1" or "giou".
+            Others: see :class:`RPN`.
+        """
+        if nms_mode not in NMS_MODES:
+            raise ValueError(f"MODEL.FPN_RPN.NMS_MODE must be one of {NMS_MODES}, got {nms_mode!r}")
+        if not 0.0 <= score_thresh < 1.0:
+            raise ValueError(f"MODEL.FPN_RPN.SCORE_THRESH_TEST must be in [0, 1), got {score_thresh}")
+        for key, value in (("CLS", cls_loss_normalizer), ("LOC", loc_loss_normalizer)):
+            if value not in LOSS_NORMALIZERS:
+                raise ValueError(
+                    f"MODEL.FPN_RPN.{key}_LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, got {value!r}"
+                )
+        box_reg_loss_type = kwargs.get("box_reg_loss_type", "smooth_l1")
+        if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
+            raise ValueError(
+                f"MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, got {box_reg_loss_type!r}"
+            )
+        if box_reg_loss_type == "l1":
+            # Detectron2's smooth L1 is exactly L1 at beta 0
+            kwargs.update(box_reg_loss_type="smooth_l1", smooth_l1_beta=0.0)
+        super().__init__(**kwargs)
+        self.nms_mode = nms_mode
+        self.score_thresh = score_thresh
+        self.cls_loss_normalizer = cls_loss_normalizer
+        self.loc_loss_normalizer = loc_loss_normalizer
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        check_rpn_config(cfg, input_shape)  # clear errors before Detectron2's asserts
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            nms_mode=cfg.MODEL.FPN_RPN.NMS_MODE,
+            score_thresh=cfg.MODEL.FPN_RPN.SCORE_THRESH_TEST,
+            cls_loss_normalizer=cfg.MODEL.FPN_RPN.CLS_LOSS_NORMALIZER,
+            loc_loss_normalizer=cfg.MODEL.FPN_RPN.LOC_LOSS_NORMALIZER,
+        )
+        return ret
+
+    def _normalizer(self, kind: str, gt_labels: torch.Tensor, anchors: List[Boxes]) -> float:
+        """The divisor named ``kind`` for labels (N, R) of a batch."""
+        num_images = gt_labels.shape[0]
+        if kind == "batch_size":
+            return float(self.batch_size_per_image * num_images)
+        if kind == "anchor_locations":
+            # (Hi*Wi*A) / A summed over levels: locations per image
+            num_cell_anchors = self.anchor_generator.num_anchors[0]
+            return float(sum(len(a) for a in anchors) // num_cell_anchors * num_images)
+        counted = gt_labels == 1 if kind == "num_positive" else gt_labels >= 0
+        return counted.sum().clamp(min=1).to(torch.float32)
+
+    @torch.jit.unused
+    def losses(
+        self,
+        anchors: List[Boxes],
+        pred_objectness_logits: List[torch.Tensor],
+        gt_labels: List[torch.Tensor],
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Objectness loss over sampled anchors and box loss over positive ones, each
+        divided by its normaliser and scaled by its weight. Args: see :meth:`RPN.losses`.
+        """
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        pos_mask = gt_labels == 1
+        valid_mask = gt_labels >= 0
+        storage = get_event_storage()
+        storage.put_scalar("rpn/num_pos_anchors", pos_mask.sum().item() / num_images)
+        storage.put_scalar("rpn/num_neg_anchors", (gt_labels == 0).sum().item() / num_images)
+
+        localization_loss = _dense_box_regression_loss(
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            cat(pred_objectness_logits, dim=1)[valid_mask],
+            gt_labels[valid_mask].to(torch.float32),
+            reduction="sum",
+        )
+        losses = {
+            "loss_rpn_cls": objectness_loss / self._normalizer(self.cls_loss_normalizer, gt_labels, anchors),
+            "loss_rpn_loc": localization_loss / self._normalizer(self.loc_loss_normalizer, gt_labels, anchors),
+        }
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def predict_proposals(
+        self,
+        anchors: List[Boxes],
+        pred_objectness_logits: List[torch.Tensor],
+        pred_anchor_deltas: List[torch.Tensor],
+        image_sizes,
+    ):
+        """
+        Returns:
+            list[Instances]: N Instances with at most ``post_nms_topk`` proposals
+                (``proposal_boxes``, ``objectness_logits``), sorted by score.
+        """
+        # Proposals are fixed inputs of the ROI heads: no gradient through the boxes.
+        with torch.no_grad():
+            pred_proposals = self._decode_proposals(anchors, pred_anchor_deltas)
+            return find_top_proposals(
+                pred_proposals,
+                pred_objectness_logits,
+                image_sizes,
+                self.nms_thresh,
+                self.pre_nms_topk[self.training],
+                self.post_nms_topk[self.training],
+                self.min_box_size,
+                self.training,
+                per_level_nms=self.nms_mode == "per_level",
+                score_thresh=self.score_thresh,
+            )
