@@ -32,4 +32,12 @@ def add_fpn_rpn_config(cfg):
     # MODEL.RPN.BBOX_REG_LOSS_WEIGHT = 10 for its lambda).
     cfg.MODEL.FPN_RPN.CLS_LOSS_NORMALIZER = "batch_size"
     cfg.MODEL.FPN_RPN.LOC_LOSS_NORMALIZER = "batch_size"
+
+    # Outside MODEL because they describe data and evaluation, not the network.
+    # COCO-format datasets to register before training/evaluation, so that a JSON file and
+    # an image folder can be used from the command line without code: a list of
+    # [name, json_file, image_root]; names then go in DATASETS.TRAIN / DATASETS.TEST.
+    cfg.DATASETS.REGISTER_COCO = []
+    # Proposal budgets (proposals per image) at which the recall evaluator reports AR.
+    cfg.TEST.RECALL_BUDGETS = [10, 20, 50, 100, 300, 1000]
     return cfg
