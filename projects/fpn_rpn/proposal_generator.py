@@ -165,5 +165,6 @@ class FPNRPN(RPN):
                 self.min_box_size,
                 self.training,
                 per_level_nms=self.nms_mode == "per_level",
-                score_thresh=self.score_thresh,
+                # SCORE_THRESH_TEST: training proposals stay unfiltered, as in Detectron2
+                score_thresh=0.0 if self.training else self.score_thresh,
             )
