@@ -16,5 +16,15 @@ from .config import add_fpn_rpn_config  # noqa: E402
 from .anchor_generator import FPNAnchorGenerator  # noqa: E402
 from .rpn_head import FPNRPNHead  # noqa: E402
 from .proposal_generator import FPNRPN  # noqa: E402
+from .datasets import register_coco_json, register_datasets  # noqa: E402
+from .synthetic_data import generate_synthetic_dataset  # noqa: E402
 
-__all__ = ["add_fpn_rpn_config", "FPNAnchorGenerator", "FPNRPNHead", "FPNRPN"]
+__all__ = [
+    "add_fpn_rpn_config",
+    "FPNAnchorGenerator",
+    "FPNRPNHead",
+    "FPNRPN",
+    "register_coco_json",
+    "register_datasets",
+    "generate_synthetic_dataset",
+]

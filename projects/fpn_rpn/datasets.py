@@ -1,0 +1,131 @@
+"""Registering COCO-format datasets in Detectron2's DatasetCatalog and MetadataCatalog.
+
+:func:`register_datasets` registers, besides the ``DATASETS.REGISTER_COCO`` entries of
+a config, the project's own names:
+
+- ``coco_mini_train``, ``coco_mini_val``: the small COCO subset in
+  ``$FPN_RPN_COCO_MINI`` (default ``<repository>/../shared/data/coco_mini``), with
+  ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``; registered
+  only where those exist.
+- ``fpn_rpn_synthetic_train``, ``fpn_rpn_synthetic_val``: the embedded dataset of
+  :mod:`fpn_rpn.synthetic_data` in ``$FPN_RPN_DATASETS/fpn_rpn_synthetic`` (default
+  ``<repository>/datasets/fpn_rpn_synthetic``), generated on first use.
+
+Detectron2's built-in names (``coco_2017_train``, ...) are Detectron2's, found under
+``$DETECTRON2_DATASETS`` as usual.
+"""
+import functools
+import os
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, register_coco_instances
+
+from . import synthetic_data
+
+__all__ = ["register_coco_json", "register_datasets"]
+
+# projects/fpn_rpn/datasets.py -> the repository, when installed editable
+_REPO = Path(__file__).resolve().parents[2]
+COCO_MINI_SPLITS = {
+    "coco_mini_train": ("annotations/instances_train2017.json", "train2017"),
+    "coco_mini_val": ("annotations/instances_val2017.json", "val2017"),
+}
+SYNTHETIC_PREFIX = "fpn_rpn_synthetic_"
+
+
+def coco_mini_root() -> Path:
+    return Path(os.environ.get("FPN_RPN_COCO_MINI", _REPO.parent / "shared" / "data" / "coco_mini")).resolve()
+
+
+def synthetic_root() -> Path:
+    # like $DETECTRON2_DATASETS, the folder that holds the dataset's folder
+    return (Path(os.environ.get("FPN_RPN_DATASETS", _REPO / "datasets")) / "fpn_rpn_synthetic").resolve()
+
+
+def register_coco_json(name: str, json_file, image_root) -> None:
+    """
+    Register a COCO-format dataset (with :func:`register_coco_instances`) under ``name``.
+
+    Relative paths are taken from the current directory. Registering a name again
+    with the same files does nothing.
+
+    Raises:
+        ValueError: ``name`` is already registered with other files, or ``json_file``
+            or ``image_root`` does not exist.
+    """
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if name in DatasetCatalog.list():
+        _check_same_files(name, json_file, image_root)
+        return
+    if not os.path.isfile(json_file):
+        raise ValueError(f"Dataset '{name}': annotation file {json_file} does not exist")
+    if not os.path.isdir(image_root):
+        raise ValueError(f"Dataset '{name}': image folder {image_root} does not exist")
+    register_coco_instances(name, {}, json_file, image_root)
+
+
+def _check_same_files(name: str, json_file: str, image_root: str) -> None:
+    metadata = MetadataCatalog.get(name)
+    registered = tuple(
+        None if path is None else os.path.abspath(path)
+        for path in (getattr(metadata, "json_file", None), getattr(metadata, "image_root", None))
+    )
+    if registered != (json_file, image_root):
+        raise ValueError(
+            f"Dataset '{name}' is already registered with json_file={registered[0]}, "
+            f"image_root={registered[1]}; cannot register it again with json_file={json_file}, "
+            f"image_root={image_root}"
+        )
+
+
+def register_datasets(cfg) -> None:
+    """
+    Register the datasets of ``cfg.DATASETS.REGISTER_COCO`` and the project's own names
+    (see the module docstring), leaving registered names alone, so that calling it
+    twice is harmless.
+
+    The synthetic dataset is generated here when ``cfg.DATASETS.TRAIN`` or ``TEST``
+    names it, so that its ``json_file`` exists for COCOEvaluator; otherwise on the
+    first ``DatasetCatalog.get``.
+    """
+    for entry in cfg.DATASETS.REGISTER_COCO:
+        if len(entry) != 3:
+            raise ValueError(f"DATASETS.REGISTER_COCO entries are [name, json_file, image_root], got {entry}")
+        register_coco_json(*entry)
+
+    root = coco_mini_root()
+    for name, (json_file, image_root) in COCO_MINI_SPLITS.items():
+        json_file, image_root = root / json_file, root / image_root
+        if name not in DatasetCatalog.list() and json_file.is_file() and image_root.is_dir():
+            register_coco_json(name, json_file, image_root)
+
+    root = synthetic_root()
+    paths = synthetic_data.dataset_paths(root)
+    for split, (json_file, image_root) in paths.items():
+        name = SYNTHETIC_PREFIX + split
+        if name not in DatasetCatalog.list():
+            # register_coco_instances, but generating the files before loading them
+            DatasetCatalog.register(name, functools.partial(_load_synthetic, root, split, name))
+            MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
+    if any(
+        SYNTHETIC_PREFIX + split in used
+        and getattr(MetadataCatalog.get(SYNTHETIC_PREFIX + split), "json_file", None) == json_file
+        for split, (json_file, _) in paths.items()
+    ):
+        _generate_synthetic(root)
+
+
+def _generate_synthetic(root: Path):
+    return synthetic_data.generate_synthetic_dataset(
+        root,
+        seed=synthetic_data.DEFAULT_SEED,
+        num_train=synthetic_data.DEFAULT_NUM_TRAIN,
+        num_val=synthetic_data.DEFAULT_NUM_VAL,
+    )
+
+
+def _load_synthetic(root: Path, split: str, name: str):
+    json_file, image_root = _generate_synthetic(root)[split]
+    return load_coco_json(json_file, image_root, name)

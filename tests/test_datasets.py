@@ -1,0 +1,131 @@
+import re
+from pathlib import Path
+
+import pytest
+
+import fpn_rpn  # noqa: F401  (must precede detectron2)
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from fpn_rpn import add_fpn_rpn_config, synthetic_data
+from fpn_rpn.datasets import register_coco_json, register_datasets, synthetic_root
+
+PROJECT_NAMES = ["coco_mini_train", "coco_mini_val", "fpn_rpn_synthetic_train", "fpn_rpn_synthetic_val"]
+
+
+@pytest.fixture(autouse=True)
+def catalogs():
+    """Run each test without the project's names registered, and undo its registrations."""
+    datasets, metadata = dict(DatasetCatalog), dict(MetadataCatalog)
+    for name in PROJECT_NAMES:
+        DatasetCatalog.pop(name, None)
+        MetadataCatalog.pop(name, None)
+    yield
+    for catalog, saved in ((DatasetCatalog, datasets), (MetadataCatalog, metadata)):
+        catalog.clear()
+        catalog.update(saved)
+
+
+@pytest.fixture
+def coco_mini_val(coco_mini):
+    if not coco_mini.is_dir():
+        pytest.skip(f"{coco_mini} not found")
+    return str(coco_mini / "annotations" / "instances_val2017.json"), str(coco_mini / "val2017")
+
+
+def _cfg(register=(), train=(), test=()):
+    cfg = get_cfg()
+    add_fpn_rpn_config(cfg)
+    cfg.DATASETS.REGISTER_COCO = [list(entry) for entry in register]
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
+    return cfg
+
+
+def test_register_coco_json(coco_mini_val):
+    json_file, image_root = coco_mini_val
+    register_coco_json("test_mini_val", json_file, image_root)
+    register_coco_json("test_mini_val", json_file, image_root)  # same files: nothing to do
+    records = DatasetCatalog.get("test_mini_val")
+    assert len(records) == 158
+    assert all(Path(r["file_name"]).parent == Path(image_root) for r in records)
+    metadata = MetadataCatalog.get("test_mini_val")
+    assert (metadata.json_file, metadata.image_root, metadata.evaluator_type) == (json_file, image_root, "coco")
+    assert len(metadata.thing_classes) == 80
+
+
+def test_register_coco_json_other_files_is_an_error(coco_mini_val, coco_mini):
+    json_file, image_root = coco_mini_val
+    register_coco_json("test_mini_val", json_file, image_root)
+    with pytest.raises(ValueError, match="'test_mini_val' is already registered"):
+        register_coco_json("test_mini_val", json_file, str(coco_mini / "train2017"))
+
+
+def test_register_coco_json_missing_files(coco_mini_val, tmp_path):
+    json_file, image_root = coco_mini_val
+    missing = str(tmp_path / "instances_missing.json")
+    with pytest.raises(ValueError, match=f"'test_missing'.*{re.escape(missing)} does not exist"):
+        register_coco_json("test_missing", missing, image_root)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'images'))} does not exist"):
+        register_coco_json("test_missing", json_file, tmp_path / "images")
+    assert "test_missing" not in DatasetCatalog.list()
+
+
+def test_register_datasets_from_config(coco_mini_val, tmp_path):
+    cfg = _cfg(register=[("test_mini_val", *coco_mini_val)])
+    register_datasets(cfg)
+    register_datasets(cfg)  # twice is harmless
+    assert len(DatasetCatalog.get("test_mini_val")) == 158
+
+    missing = str(tmp_path / "instances_missing.json")
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        register_datasets(_cfg(register=[("test_missing", missing, coco_mini_val[1])]))
+    with pytest.raises(ValueError, match=r"\[name, json_file, image_root\]"):
+        register_datasets(_cfg(register=[("test_short", coco_mini_val[0])]))
+
+
+def test_register_datasets_coco_mini(coco_mini, monkeypatch, tmp_path):
+    if not coco_mini.is_dir():
+        pytest.skip(f"{coco_mini} not found")
+    monkeypatch.setenv("FPN_RPN_COCO_MINI", str(tmp_path / "nowhere"))
+    register_datasets(_cfg())
+    assert "coco_mini_val" not in DatasetCatalog.list()
+
+    monkeypatch.delenv("FPN_RPN_COCO_MINI")  # the default: next to the repository
+    register_datasets(_cfg())
+    assert len(DatasetCatalog.get("coco_mini_train")) == 160
+    assert len(DatasetCatalog.get("coco_mini_val")) == 158
+    assert MetadataCatalog.get("coco_mini_val").json_file == str(coco_mini / "annotations" / "instances_val2017.json")
+
+
+def test_synthetic_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("FPN_RPN_DATASETS", raising=False)
+    assert synthetic_root() == Path(__file__).resolve().parents[1] / "datasets" / "fpn_rpn_synthetic"
+    monkeypatch.setenv("FPN_RPN_DATASETS", str(tmp_path))
+    assert synthetic_root() == tmp_path / "fpn_rpn_synthetic"
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch, tmp_path):
+    """The synthetic dataset at a test size, under tmp_path."""
+    monkeypatch.setenv("FPN_RPN_DATASETS", str(tmp_path))
+    monkeypatch.setattr(synthetic_data, "DEFAULT_NUM_TRAIN", 3)
+    monkeypatch.setattr(synthetic_data, "DEFAULT_NUM_VAL", 2)
+    return tmp_path / "fpn_rpn_synthetic"
+
+
+def test_synthetic_generated_on_first_use(small_synthetic):
+    register_datasets(_cfg(train=["test_other"], test=["test_other"]))
+    assert not small_synthetic.exists()
+    assert len(DatasetCatalog.get("fpn_rpn_synthetic_val")) == 2
+    assert len(DatasetCatalog.get("fpn_rpn_synthetic_train")) == 3
+    assert MetadataCatalog.get("fpn_rpn_synthetic_val").thing_classes == ["rectangle", "ellipse", "triangle", "polygon"]
+
+
+def test_synthetic_generated_when_named_in_config(small_synthetic):
+    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
+    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
+    metadata = MetadataCatalog.get("fpn_rpn_synthetic_val")
+    assert metadata.json_file == str(small_synthetic / "annotations" / "instances_val.json")
+    assert Path(metadata.json_file).is_file()  # COCOEvaluator reads it before any DatasetCatalog.get
+    assert metadata.evaluator_type == "coco"
+    assert len(list((small_synthetic / "train").iterdir())) == 3

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""
+Generate the embedded synthetic dataset (see fpn_rpn.synthetic_data) ahead of training.
+
+    python tools/make_synthetic_dataset.py                      # the default, as training would
+    python tools/make_synthetic_dataset.py --root /tmp/shapes --num-train 50 --num-val 10
+
+Names other than the default ones need ``DATASETS.REGISTER_COCO`` entries pointing at
+the files printed here.
+"""
+import argparse
+
+import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.datasets imports)
+from fpn_rpn import synthetic_data
+from fpn_rpn.datasets import synthetic_root
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--root",
+        default=str(synthetic_root()),
+        help="output folder (default: the one register_datasets uses, from $FPN_RPN_DATASETS)",
+    )
+    parser.add_argument("--seed", type=int, default=synthetic_data.DEFAULT_SEED)
+    parser.add_argument("--num-train", type=int, default=synthetic_data.DEFAULT_NUM_TRAIN)
+    parser.add_argument("--num-val", type=int, default=synthetic_data.DEFAULT_NUM_VAL)
+    args = parser.parse_args()
+    paths = synthetic_data.generate_synthetic_dataset(
+        args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val
+    )
+    for split, (json_file, image_root) in paths.items():
+        print(f"{split}: json_file={json_file} image_root={image_root}")
+
+
+if __name__ == "__main__":
+    main()
