@@ -1,0 +1,159 @@
+import fpn_rpn  # noqa: F401  # before detectron2
+
+import math
+
+import pytest
+import torch
+from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+from detectron2.structures import Boxes, pairwise_iou
+
+from fpn_rpn.proposal_utils import find_top_proposals
+
+NMS_THRESH = 0.7
+
+
+def _top(proposals, logits, image_sizes, pre=1000, post=1000, min_size=0.0, training=False,
+         per_level=False, score_thresh=0.0, nms_thresh=NMS_THRESH):
+    return find_top_proposals(proposals, logits, image_sizes, nms_thresh, pre, post, min_size,
+                              training, per_level_nms=per_level, score_thresh=score_thresh)
+
+
+def _far_apart_boxes(num, offset=0.0):
+    """num disjoint 10x10 boxes on a row, 20 px apart, so NMS removes none of them."""
+    x = torch.arange(num, dtype=torch.float32) * 20 + offset
+    return torch.stack((x, torch.zeros(num), x + 10, torch.full((num,), 10.0)), dim=1)
+
+
+def _near_duplicates(num_images=2, num_boxes=60, seed=0):
+    """Two levels predicting jittered copies of the same boxes, with distinct scores."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num_images, num_boxes, 2, generator=g) * 150
+    wh = 20 + torch.rand(num_images, num_boxes, 2, generator=g) * 60
+    base = torch.cat((xy, xy + wh), dim=2)
+    proposals = [base + torch.rand(base.shape, generator=g) * 4 - 2 for _ in range(2)]
+    logits = torch.randperm(2 * num_images * num_boxes, generator=g).float().reshape(2, num_images, -1)
+    return proposals, list(logits)
+
+
+def _level_of(result, logits):
+    """Level of each kept proposal, found from its (unique) score."""
+    return torch.stack([(torch.stack(logits)[:, None] == s).flatten(1).any(1).nonzero()[0, 0]
+                        for s in result.objectness_logits])
+
+
+def _cross_level_duplicates(result, logits):
+    iou = pairwise_iou(result.proposal_boxes, result.proposal_boxes)
+    levels = _level_of(result, logits)
+    pairs = (iou > NMS_THRESH).triu(diagonal=1) & (levels[:, None] != levels[None, :])
+    return int(pairs.sum())
+
+
+def test_cross_level_nms_leaves_no_overlapping_pair():
+    proposals, logits = _near_duplicates()
+    image_sizes = [(240, 240), (200, 230)]
+    per_level = _top(proposals, logits, image_sizes, per_level=True)
+    cross_level = _top(proposals, logits, image_sizes, per_level=False)
+    for per_level_i, cross_level_i in zip(per_level, cross_level):
+        iou = pairwise_iou(cross_level_i.proposal_boxes, cross_level_i.proposal_boxes)
+        assert len(cross_level_i) > 0
+        assert iou.triu(diagonal=1).max() <= NMS_THRESH
+        per_level_count = _cross_level_duplicates(per_level_i, logits)
+        assert per_level_count > 0  # the input does have duplicates across levels
+        assert _cross_level_duplicates(cross_level_i, logits) <= per_level_count
+        assert _cross_level_duplicates(cross_level_i, logits) == 0
+
+
+def test_pre_nms_topk_is_per_level_and_post_nms_topk_per_image():
+    # level 0: 4 boxes scored 4, 3, 2, 1; level 1: 4 other boxes scored 3.5, 2.5, 1.5, 0.5
+    proposals = [_far_apart_boxes(4)[None], _far_apart_boxes(4, offset=100)[None]]
+    logits = [torch.tensor([[1.0, 4.0, 2.0, 3.0]]), torch.tensor([[0.5, 3.5, 2.5, 1.5]])]
+    (result,) = _top(proposals, logits, [(50, 200)], pre=2, post=3)
+    # top 2 of each level: 4, 3 | 3.5, 2.5; then the best 3 of those
+    torch.testing.assert_close(result.objectness_logits, torch.tensor([4.0, 3.5, 3.0]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        result.proposal_boxes.tensor,
+        torch.tensor([[20.0, 0, 30, 10], [120.0, 0, 130, 10], [60.0, 0, 70, 10]]),  # 120 == 100 + 20
+        rtol=0, atol=0,
+    )
+    (result,) = _top(proposals, logits, [(50, 200)], pre=2, post=100)
+    torch.testing.assert_close(result.objectness_logits, torch.tensor([4.0, 3.5, 3.0, 2.5]), rtol=0, atol=0)
+
+
+def test_score_thresh_compares_the_objectness_probability():
+    proposals = [_far_apart_boxes(5)[None]]
+    # sigmoid: 0.5, 0.69936, 0.70003, 0.2689, 0.9526
+    logits = [torch.tensor([[0.0, 0.8443, 0.8476, -1.0, 3.0]])]
+    assert 0.8443 < math.log(0.7 / 0.3) < 0.8476  # the two middle logits bracket logit(0.7)
+    (result,) = _top(proposals, logits, [(20, 200)], score_thresh=0.7)  # logit(0.7) == 0.8473
+    torch.testing.assert_close(result.objectness_logits, torch.tensor([3.0, 0.8476]), rtol=0, atol=0)
+    (result,) = _top(proposals, logits, [(20, 200)], score_thresh=0.5)  # 0.5 itself is kept
+    torch.testing.assert_close(result.objectness_logits, torch.tensor([3.0, 0.8476, 0.8443, 0.0]),
+                               rtol=0, atol=0)
+    (result,) = _top(proposals, logits, [(20, 200)], score_thresh=0.99)
+    assert len(result) == 0 and result.proposal_boxes.tensor.shape == (0, 4)
+
+
+def test_boxes_are_clipped_then_small_ones_dropped():
+    boxes = torch.tensor([
+        [0.0, 0.0, 5.0, 20.0],  # width 5 <= MIN_SIZE 5: dropped
+        [20.0, 0.0, 25.5, 20.0],  # width 5.5: kept
+        [-10.0, 0.0, 3.0, 20.0],  # clipped to x 0..3, width 3: dropped
+        [90.0, -8.0, 120.0, 30.0],  # clipped to (90, 0, 100, 25): kept
+    ])
+    logits = [torch.tensor([[4.0, 3.0, 2.0, 1.0]])]
+    (result,) = _top([boxes[None]], logits, [(25, 100)], min_size=5.0)
+    torch.testing.assert_close(result.proposal_boxes.tensor,
+                               torch.tensor([[20.0, 0.0, 25.5, 20.0], [90.0, 0.0, 100.0, 25.0]]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(result.objectness_logits, torch.tensor([3.0, 1.0]), rtol=0, atol=0)
+
+
+def test_non_finite_predictions_raise_in_training_and_are_dropped_at_inference():
+    boxes = _far_apart_boxes(3)[None].clone()
+    boxes[0, 1, 2] = float("inf")
+    logits = [torch.tensor([[1.0, 2.0, float("nan")]])]
+    with pytest.raises(FloatingPointError, match="diverged"):
+        _top([boxes], logits, [(20, 100)], training=True)
+    (result,) = _top([boxes], logits, [(20, 100)])
+    torch.testing.assert_close(result.proposal_boxes.tensor, torch.tensor([[0.0, 0, 10, 10]]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_level", [True, False])
+def test_batch_gives_the_same_proposals_as_image_by_image(per_level):
+    proposals, logits = _near_duplicates(num_images=3, seed=1)
+    image_sizes = [(240, 240), (180, 200), (100, 230)]
+    batched = _top(proposals, logits, image_sizes, pre=40, post=25, min_size=20.0, per_level=per_level)
+    for i, batched_i in enumerate(batched):
+        (single,) = _top([p[i:i + 1] for p in proposals], [s[i:i + 1] for s in logits], image_sizes[i:i + 1],
+                         pre=40, post=25, min_size=20.0, per_level=per_level)
+        assert batched_i.image_size == image_sizes[i] and 0 < len(batched_i) <= 25
+        torch.testing.assert_close(batched_i.proposal_boxes.tensor, single.proposal_boxes.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(batched_i.objectness_logits, single.objectness_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_per_level_mode_equals_detectron2_find_top_rpn_proposals(training):
+    g = torch.Generator().manual_seed(3)
+    image_sizes = [(120, 90), (100, 128)]
+    proposals, logits = [], []
+    for num in (3 * 32 * 32, 3 * 16 * 16, 3 * 8 * 8):
+        xy = torch.rand(2, num, 2, generator=g) * 140 - 10
+        wh = torch.rand(2, num, 2, generator=g) * 60
+        proposals.append(torch.cat((xy, xy + wh), dim=2))
+        logits.append(torch.randn(2, num, generator=g))
+    args = (proposals, logits, image_sizes, NMS_THRESH, 500, 300, 2.0, training)
+    for ours, d2 in zip(find_top_proposals(*args, per_level_nms=True), find_top_rpn_proposals(*args)):
+        assert len(ours) == len(d2) == 300
+        torch.testing.assert_close(ours.proposal_boxes.tensor, d2.proposal_boxes.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(ours.objectness_logits, d2.objectness_logits, rtol=0, atol=0)
+
+
+def test_results_are_sorted_by_score_and_inside_the_image():
+    proposals, logits = _near_duplicates(seed=2)
+    image_sizes = [(90, 100), (120, 70)]
+    for result, (h, w) in zip(_top(proposals, logits, image_sizes), image_sizes):
+        scores, boxes = result.objectness_logits, result.proposal_boxes.tensor
+        assert len(result) > 0 and bool((scores[:-1] >= scores[1:]).all())
+        assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= w
+        assert boxes[:, 1::2].min() >= 0 and boxes[:, 1::2].max() <= h
+

@@ -1,0 +1,95 @@
+import fpn_rpn  # noqa: F401  # before detectron2
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.proposal_generator.rpn import StandardRPNHead, build_rpn_head
+
+from fpn_rpn import FPNRPNHead, add_fpn_rpn_config
+
+C, A = 8, 3  # input channels, anchors per location
+
+
+def _features(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, C, h, w, generator=g) for h, w in ((6, 5), (3, 3), (1, 2))]
+
+
+def _randomize(module, seed=1):
+    # the default init (std 0.01, zero bias) would make softmax and sigmoid checks near-trivial
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module
+
+
+@pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
+def test_output_shapes(objectness):
+    head = FPNRPNHead(in_channels=C, num_anchors=A, objectness=objectness)
+    features = _features()
+    logits, deltas = head(features)
+    assert [tuple(x.shape) for x in logits] == [(2, A, 6, 5), (2, A, 3, 3), (2, A, 1, 2)]
+    assert [tuple(x.shape) for x in deltas] == [(2, A * 4, 6, 5), (2, A * 4, 3, 3), (2, A * 4, 1, 2)]
+
+
+@pytest.mark.parametrize("objectness, channels", [("sigmoid", A), ("softmax", 2 * A)])
+def test_built_from_config(objectness, channels):
+    cfg = get_cfg()
+    add_fpn_rpn_config(cfg)
+    cfg.MODEL.RPN.HEAD_NAME = "FPNRPNHead"
+    cfg.MODEL.ANCHOR_GENERATOR.NAME = "FPNAnchorGenerator"
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64]]
+    cfg.MODEL.FPN_RPN.OBJECTNESS = objectness
+    head = build_rpn_head(cfg, [ShapeSpec(channels=C, stride=4), ShapeSpec(channels=C, stride=8)])
+    assert type(head) is FPNRPNHead and head.objectness == objectness
+    assert head.objectness_logits.out_channels == channels  # A = 1 size x 3 default ratios
+    assert head.anchor_deltas.out_channels == A * 4
+
+
+def test_standard_rpn_head_checkpoint_loads_in_sigmoid_mode():
+    stock = _randomize(StandardRPNHead(in_channels=C, num_anchors=A))
+    ours = FPNRPNHead(in_channels=C, num_anchors=A, objectness="sigmoid")
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    features = _features()
+    for ours_out, stock_out in zip(ours(features), stock(features)):
+        for x, y in zip(ours_out, stock_out):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_softmax_logit_is_object_minus_background():
+    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax"))
+    features = _features()
+    logits, _ = head(features)
+    conv, cls = head.conv, head.objectness_logits
+    for x, logit in zip(features, logits):
+        hidden = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+        scores = F.conv2d(hidden, cls.weight, cls.bias)  # (N, 2A, Hi, Wi): background x A, object x A
+        background, obj = scores[:, :A], scores[:, A:]
+        torch.testing.assert_close(logit, obj - background)
+        # sigmoid(o - b) == e^o / (e^b + e^o): the two-class softmax object probability
+        softmax = torch.stack((background, obj)).softmax(dim=0)
+        torch.testing.assert_close(logit.sigmoid(), softmax[1])
+        # so BCE on the logit is the two-class cross-entropy
+        labels = torch.randint(0, 2, logit.shape, generator=torch.Generator().manual_seed(2))
+        bce = F.binary_cross_entropy_with_logits(logit, labels.float(), reduction="sum")
+        ce = F.cross_entropy(torch.stack((background, obj), dim=1), labels, reduction="sum")
+        torch.testing.assert_close(bce, ce)
+
+
+def test_softmax_gradients_reach_both_score_channels():
+    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax"))
+    logits, _ = head(_features())
+    sum(x.sum() for x in logits).backward()
+    grad = head.objectness_logits.bias.grad  # d(obj - bg)/d bias: -1 per background, +1 per object
+    num_logits = sum(x[:, 0].numel() for x in logits)
+    torch.testing.assert_close(grad, torch.tensor([-1.0] * A + [1.0] * A) * num_logits)
+
+
+def test_bad_arguments_raise_value_error_naming_the_key():
+    with pytest.raises(ValueError, match="MODEL.FPN_RPN.OBJECTNESS must be one of"):
+        FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax2")
+    with pytest.raises(ValueError, match="MODEL.RPN.CONV_DIMS is empty"):
+        FPNRPNHead(in_channels=C, num_anchors=A, conv_dims=[])
