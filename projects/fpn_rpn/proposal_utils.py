@@ -123,7 +123,10 @@ def find_top_proposals(
     boxes, scores, image_ids, levels = boxes[keep], scores[keep], image_ids[keep], levels[keep]
 
     groups = image_ids * num_levels + levels if per_level_nms else image_ids
-    keep = batched_nms(boxes, scores, groups, nms_thresh)  # sorted by score, descending
+    keep = batched_nms(boxes, scores, groups, nms_thresh).sort().values
+    # Descending score, equal scores in index order (image, level, rank), as Detectron2's
+    # stable per-image sort leaves them, so that ties come out in its order.
+    keep = keep[scores[keep].sort(descending=True, stable=True).indices]
     keep = keep[_first_k_per_image(image_ids[keep], num_images, post_nms_topk)]
 
     counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
