@@ -33,9 +33,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return ProposalRecallEvaluator(
-            dataset_name, budgets=cfg.TEST.RECALL_BUDGETS, output_dir=output_folder, save_proposals=True
-        )
+        return ProposalRecallEvaluator(cfg, dataset_name, output_dir=output_folder, save_proposals=True)
 
 
 def setup(args):
@@ -49,6 +47,10 @@ def setup(args):
     check_component_names(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    # one process per machine generates the embedded dataset, if it is used, before the others read it
+    if comm.get_local_rank() == 0:
+        register_datasets(cfg)
+    comm.synchronize()
     register_datasets(cfg)
     return cfg
 

@@ -18,6 +18,7 @@ from .rpn_head import FPNRPNHead  # noqa: E402
 from .proposal_generator import FPNRPN  # noqa: E402
 from .datasets import register_coco_json, register_datasets  # noqa: E402
 from .synthetic_data import generate_synthetic_dataset  # noqa: E402
+from .recall_evaluator import ProposalRecallEvaluator  # noqa: E402
 
 __all__ = [
     "add_fpn_rpn_config",
@@ -27,4 +28,5 @@ __all__ = [
     "register_coco_json",
     "register_datasets",
     "generate_synthetic_dataset",
+    "ProposalRecallEvaluator",
 ]

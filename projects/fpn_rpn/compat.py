@@ -7,7 +7,8 @@ That install needs four workarounds, all applied here and nowhere else:
 
 - ``detectron2._C`` is missing: an empty module stands in. fpn_rpn uses none of
   its ops (rotated boxes, deformable convs, ROIAlignRotated); calling one fails
-  with an AttributeError naming the op.
+  with an AttributeError naming the op. Only the three build-information
+  functions that ``default_setup``'s environment report calls are provided.
 - numpy >= 1.24 removed ``np.int``, ``np.bool`` and ``np.float``, which v0.6 uses
   (for example in ``detectron2.data.build``): they are restored as the builtins
   they used to alias.
@@ -60,6 +61,9 @@ def _install_placeholder_c():
     module = types.ModuleType("detectron2._C")
     module.__doc__ = "Placeholder for Detectron2's compiled ops, installed by fpn_rpn.compat."
     module._fpn_rpn_placeholder = True
+    module.get_compiler_version = lambda: "not built (Detectron2 installed without its C++ extension)"
+    module.get_cuda_version = lambda: "not built"
+    module.has_cuda = lambda: False
     sys.modules["detectron2._C"] = module
     detectron2._C = module
 

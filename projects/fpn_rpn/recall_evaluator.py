@@ -1,0 +1,180 @@
+"""DatasetEvaluator reporting the proposal recall of a ProposalNetwork."""
+import contextlib
+import copy
+import io
+import itertools
+import logging
+import os
+import pickle
+from typing import Sequence
+
+import numpy as np
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.data.datasets.coco import convert_to_coco_dict, convert_to_coco_json
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from pycocotools.coco import COCO
+
+from .proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table, gt_from_coco
+
+__all__ = ["ProposalRecallEvaluator"]
+
+
+class ProposalRecallEvaluator(DatasetEvaluator):
+    """
+    Class-agnostic AR of proposals at several budgets, IoU 0.50:0.05:0.95, areas
+    all/small/medium/large, under both definitions of :mod:`fpn_rpn.proposal_recall`:
+    "d2" (Detectron2's COCOEvaluator, which skips images without proposals) and
+    "coco" (COCOeval with ``useCats = 0``). Results are fractions, grouped as
+    ``{"recall_d2": {"AR@100": ..., "AR_s@100": ...}, "recall_coco": {...}}``;
+    COCOEvaluator's "box_proposals" reports the d2 AR@100/1000 in percent.
+
+    Ground truth is the dataset's COCO json (metadata ``json_file``), or Detectron2's
+    conversion of the registered dicts to COCO format, as COCOEvaluator does.
+
+    In a trainer: ``ProposalRecallEvaluator(cfg, dataset_name, output_dir=...)`` takes
+    the budgets from ``cfg.TEST.RECALL_BUDGETS``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        dataset_name: str,
+        *,
+        budgets: Sequence[int] = DEFAULT_BUDGETS,
+        distributed: bool = True,
+        output_dir: str = None,
+        save_proposals: bool = False,
+    ):
+        """
+        Args:
+            dataset_name: a registered dataset with COCO-format ground truth.
+            budgets: proposals per image at which AR is reported.
+            distributed: gather the proposals of all processes and evaluate on the
+                main one; otherwise evaluate what this process saw.
+            output_dir: where ``box_proposals.pkl`` and, for datasets without a
+                ``json_file``, the converted COCO json are written.
+            save_proposals: write every proposal to ``output_dir/box_proposals.pkl``
+                in Detectron2's precomputed-proposal format (``DATASETS.PROPOSAL_FILES_*``).
+                Without it only the top ``max(budgets)`` of each image are kept.
+        """
+        self._budgets = sorted({int(k) for k in budgets})
+        if not self._budgets or self._budgets[0] < 1:
+            raise ValueError(f"Recall budgets must be positive integers, got {list(budgets)}")
+        if save_proposals and not output_dir:
+            raise ValueError("save_proposals=True needs an output_dir to write box_proposals.pkl")
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._save_proposals = save_proposals
+        self._logger = logging.getLogger(__name__)
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg, dataset_name, *, distributed=True, output_dir=None, save_proposals=False):
+        return {
+            "dataset_name": dataset_name,
+            "budgets": cfg.TEST.RECALL_BUDGETS,
+            "distributed": distributed,
+            "output_dir": output_dir,
+            "save_proposals": save_proposals,
+        }
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        """
+        Args:
+            inputs: the model's inputs, each with an "image_id".
+            outputs: ProposalNetwork outputs, each with "proposals": Instances with
+                ``proposal_boxes`` (original image coordinates) and ``objectness_logits``.
+        """
+        for input, output in zip(inputs, outputs):
+            if "proposals" not in output:
+                raise ValueError(
+                    "ProposalRecallEvaluator needs model outputs with 'proposals' (as "
+                    f"ProposalNetwork returns), got keys {sorted(output)}"
+                )
+            proposals = output["proposals"].to("cpu")
+            logits = proposals.objectness_logits.detach().float().numpy()
+            order = np.argsort(-logits, kind="stable")
+            if not self._save_proposals:
+                order = order[: self._budgets[-1]]
+            # compact arrays rather than Instances: smaller to keep and to gather
+            self._predictions.append(
+                {
+                    "image_id": input["image_id"],
+                    "boxes": proposals.proposal_boxes.tensor.detach().float().numpy()[order],
+                    "objectness_logits": logits[order],
+                }
+            )
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
+            if not comm.is_main_process():
+                return {}
+        else:
+            predictions = self._predictions
+        if not predictions:
+            self._logger.warning("[ProposalRecallEvaluator] Did not receive valid predictions.")
+            return {}
+
+        by_image = {}
+        for prediction in predictions:
+            by_image.setdefault(prediction["image_id"], prediction)
+        if len(by_image) < len(predictions):
+            self._logger.warning(
+                f"{len(predictions) - len(by_image)} images were predicted more than once; "
+                "only their first proposals are evaluated."
+            )
+        if self._save_proposals:
+            self._write_proposals(list(by_image.values()))
+
+        gt = gt_from_coco(self._load_ground_truth(), by_image.keys())
+        proposals = {
+            img_id: {"boxes": p["boxes"], "scores": p["objectness_logits"]}
+            for img_id, p in by_image.items()
+        }
+        results = evaluate_recall(gt, proposals, self._budgets)
+        num_empty = sum(len(p["scores"]) == 0 for p in proposals.values())
+        self._logger.info(
+            f"Proposal recall on {len(proposals)} images ({num_empty} without proposals, "
+            "which the d2 definition skips); AR as fractions, mean recall over IoU "
+            "0.50:0.05:0.95:\n" + format_recall_table(results, self._budgets)
+        )
+        return copy.deepcopy(results)
+
+    def _write_proposals(self, predictions):
+        # the layout COCOEvaluator writes and load_proposals_into_dataset reads
+        proposal_data = {
+            "ids": [p["image_id"] for p in predictions],
+            "boxes": [p["boxes"] for p in predictions],
+            "objectness_logits": [p["objectness_logits"] for p in predictions],
+            "bbox_mode": BoxMode.XYXY_ABS.value,
+        }
+        PathManager.mkdirs(self._output_dir)
+        path = os.path.join(self._output_dir, "box_proposals.pkl")
+        with PathManager.open(path, "wb") as f:
+            pickle.dump(proposal_data, f)
+        self._logger.info(f"Saved the proposals of {len(predictions)} images to {path}")
+
+    def _load_ground_truth(self) -> COCO:
+        metadata = MetadataCatalog.get(self._dataset_name)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            if hasattr(metadata, "json_file"):
+                return COCO(PathManager.get_local_path(metadata.json_file))
+            if self._output_dir:
+                # cached like COCOEvaluator's conversion
+                cache_path = os.path.join(self._output_dir, f"{self._dataset_name}_coco_format.json")
+                convert_to_coco_json(self._dataset_name, cache_path)
+                return COCO(PathManager.get_local_path(cache_path))
+            coco = COCO()
+            coco.dataset = convert_to_coco_dict(self._dataset_name)
+            coco.createIndex()
+            return coco
