@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import defaults as d2_defaults
-from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.engine.launch import launch as _d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,7 +34,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     processes per machine, joined with the gloo backend.
     """
     if torch.cuda.is_available():
-        return d2_launch.launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
+        return _d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
                                 dist_url, args=args, timeout=timeout)
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
@@ -41,7 +42,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine; give tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{d2_launch._find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     logger.info("No CUDA device: running %d CPU processes per machine with the gloo backend",
                 num_gpus_per_machine)
     mp.start_processes(
