@@ -8,27 +8,76 @@ Train and evaluate fpn_rpn (or Detectron2's stock RPN) proposal networks.
 Evaluation reports proposal recall (fpn_rpn.ProposalRecallEvaluator) and writes the
 proposals as box_proposals.pkl (Detectron2's PROPOSAL_FILES format) in
 OUTPUT_DIR/inference/<dataset>/. Without CUDA, ``--num-gpus N`` runs N CPU processes.
+
+Bad data, configs and checkpoints, and diverged training, stop the run with one line
+on stderr naming the file, record or key and the fault, and exit status 1; the
+traceback goes to OUTPUT_DIR/log.txt.
 """
 import logging
 import os
+import re
+import sys
+import traceback
+import weakref
 
 import torch
 
 import fpn_rpn  # noqa: F401  (registers the components; must precede detectron2)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, add_fpn_rpn_config, register_datasets
+from fpn_rpn.checkpoint import CheckedCheckpointer, CheckpointError
+from fpn_rpn.coco_checks import CheckedDatasetMapper, DataError, check_proposal_file
 from fpn_rpn.config_checks import check_component_names
 from fpn_rpn.launch import cpu_ddp_for_trainer, launch
+
+
+class ConfigError(ValueError):
+    """A config value the model cannot be built with."""
+
+
+# faults of the user's inputs or of training, told in one line; other exceptions are bugs
+CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, FloatingPointError)
 
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp_for_trainer():
             super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ makes its checkpointer just before its hooks: replaced
+        # here, the periodic checkpointer hook saves through the checked one too
+        self.checkpointer = CheckedCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
+                                                trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if "iteration" in str(e):  # Detectron2's loss check names it
+                raise
+            raise FloatingPointError(f"{e} (iteration {self.iter})") from e
+
+    @classmethod
+    def build_model(cls, cfg):
+        try:
+            return super().build_model(cfg)
+        except ValueError as e:  # the components' config checks
+            raise ConfigError(str(e)) from e
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -44,24 +93,56 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # the configs target GPUs; this lets the same file run on a CPU-only machine
         cfg.MODEL.DEVICE = "cpu"
-    check_component_names(cfg)
+    try:
+        check_component_names(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cfg.freeze()
     default_setup(cfg, args)
+    # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
+    # still passed on to the root logger's handlers, which setup_logger would cut off
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fpn_rpn")
+    logging.getLogger("fpn_rpn").propagate = True
     # one process per machine generates the embedded dataset, if it is used, before the others read it
     if comm.get_local_rank() == 0:
         register_datasets(cfg)
     comm.synchronize()
     register_datasets(cfg)
+    if cfg.MODEL.LOAD_PROPOSALS:
+        check_proposal_files(cfg)
     return cfg
+
+
+def check_proposal_files(cfg):
+    """DataError unless each dataset's proposal file covers all its images (Detectron2: a KeyError)."""
+    for split in ("TRAIN", "TEST"):
+        names, files = cfg.DATASETS.get(split), cfg.DATASETS.get(f"PROPOSAL_FILES_{split}")
+        if len(names) != len(files):
+            raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} files for the "
+                              f"{len(names)} datasets of DATASETS.{split}: give one per dataset")
+        for name, proposal_file in zip(names, files):
+            check_proposal_file(proposal_file, name)
 
 
 def main(args):
     cfg = setup(args)
+    try:
+        return _run(cfg, args)
+    except CLEAR_ERRORS:
+        # the traceback for the log only: the terminal gets one line from invoke_main
+        rank = comm.get_rank()
+        log_file = os.path.join(cfg.OUTPUT_DIR, "log.txt" + (f".rank{rank}" if rank else ""))
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
+        raise
+
+
+def _run(cfg, args):
     if cfg.MODEL.DEVICE == "cpu":
         logging.getLogger("fpn_rpn").info("No CUDA device: training and evaluating on CPU")
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        CheckedCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -74,17 +155,43 @@ def main(args):
     return trainer.train()
 
 
+def error_line(error: BaseException):
+    """
+    The message of a CLEAR_ERRORS exception as one line, or None for other exceptions.
+    DataLoader workers and spawned processes re-raise an exception with its original
+    traceback as the message; the original message is taken from it.
+    """
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        # the last "module.SomeError: message" line starts the message of the last exception
+        last = list(re.finditer(r"^(?:\w+\.)*(\w+(?:Error|Exception)): ", text, re.MULTILINE))[-1:]
+        if not last or last[0].group(1) not in {cls.__name__ for cls in CLEAR_ERRORS}:
+            return None
+        text = text[last[0].end():]
+    elif not isinstance(error, CLEAR_ERRORS):
+        return None
+    return " ".join(text.split())
+
+
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from . import synthetic_data
+from .coco_checks import DataError, load_checked_coco_json
 
 __all__ = ["register_coco_json", "register_datasets"]
 
@@ -45,24 +45,29 @@ def synthetic_root() -> Path:
 
 def register_coco_json(name: str, json_file, image_root) -> None:
     """
-    Register a COCO-format dataset (with :func:`register_coco_instances`) under ``name``.
+    Register a COCO-format dataset under ``name``, as Detectron2's
+    ``register_coco_instances`` does, but loaded with
+    :func:`fpn_rpn.coco_checks.load_checked_coco_json`: the file is checked when the
+    dataset is first loaded, and bad records stop it with a DataError or are repaired
+    with a warning.
 
     Relative paths are taken from the current directory. Registering a name again
     with the same files does nothing.
 
     Raises:
-        ValueError: ``name`` is already registered with other files, or ``json_file``
-            or ``image_root`` does not exist.
+        ValueError: ``name`` is already registered with other files.
+        DataError (a ValueError): ``json_file`` or ``image_root`` does not exist.
     """
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     if name in DatasetCatalog.list():
         _check_same_files(name, json_file, image_root)
         return
     if not os.path.isfile(json_file):
-        raise ValueError(f"Dataset '{name}': annotation file {json_file} does not exist")
+        raise DataError(f"Dataset '{name}': annotation file {json_file} does not exist")
     if not os.path.isdir(image_root):
-        raise ValueError(f"Dataset '{name}': image folder {image_root} does not exist")
-    register_coco_instances(name, {}, json_file, image_root)
+        raise DataError(f"Dataset '{name}': image folder {image_root} does not exist")
+    DatasetCatalog.register(name, functools.partial(load_checked_coco_json, json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
 def _check_same_files(name: str, json_file: str, image_root: str) -> None:
@@ -128,4 +133,4 @@ def _generate_synthetic(root: Path):
 
 def _load_synthetic(root: Path, split: str, name: str):
     json_file, image_root = _generate_synthetic(root)[split]
-    return load_coco_json(json_file, image_root, name)
+    return load_checked_coco_json(json_file, image_root, name)

@@ -1,0 +1,147 @@
+"""A checkpointer that stops on a checkpoint it cannot use, and never saves diverged weights.
+
+Detectron2's DetectionCheckpointer only logs a warning for the parameters a file
+does not provide, so a truncated or foreign file, or the checkpoint of another
+model, leaves them randomly initialised without a word. :class:`CheckedCheckpointer`
+raises :class:`CheckpointError` instead when:
+
+- the file does not exist or cannot be read (truncated, not a checkpoint);
+- it provides none of the model's parameters (a checkpoint of another network);
+- some parameter is missing or has another shape, when resuming from a checkpoint
+  of the output folder (``--resume``) or with ``require_all`` (evaluation): these
+  must be checkpoints of this very model.
+
+Otherwise partial loads stay allowed, as Detectron2 intends them: ImageNet weights
+provide only the backbone, a detector's weights may lack a head.
+
+On saving, it refuses weights with NaN or infinite values (FloatingPointError), so
+that ``last_checkpoint`` keeps naming the last good checkpoint, and it replaces
+``last_checkpoint`` atomically, so that a process killed while writing it leaves the
+previous one.
+"""
+import os
+from collections.abc import Mapping
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["CheckpointError", "CheckedCheckpointer"]
+
+_EXAMPLES = 5  # parameter names given in a message
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, in one line naming the file and the fault."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _examples(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:_EXAMPLES]) + (", ..." if len(names) > _EXAMPLES else "")
+
+
+class CheckedCheckpointer(DetectionCheckpointer):
+    """
+    :class:`DetectionCheckpointer` with the checks of :mod:`fpn_rpn.checkpoint`.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, require_all: bool = False, save_to_disk=None,
+                 **checkpointables):
+        """
+        Args:
+            require_all (bool): every model parameter must be loaded, as for evaluation;
+                otherwise only when resuming.
+            Others: see :class:`DetectionCheckpointer`.
+        """
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.require_all = require_all
+        self._resuming = False
+        self._path = None  # the file being loaded, for messages
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        self._resuming = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._resuming = False
+
+    def load(self, path: str, *args, **kwargs):
+        if not path:
+            if self.require_all:
+                raise CheckpointError("no checkpoint to load (MODEL.WEIGHTS is empty): the model would be random")
+            return super().load(path, *args, **kwargs)
+        if not os.path.isfile(path):
+            try:
+                local = self.path_manager.get_local_path(path)  # downloads URLs
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint {path} cannot be fetched ({type(e).__name__}: {_first_line(e)})"
+                ) from e
+            if not os.path.isfile(local):
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            path = local
+        self._path = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._path = None
+
+    def _load_file(self, filename: str):
+        try:
+            loaded = super()._load_file(filename)
+        except Exception as e:
+            raise CheckpointError(
+                f"{filename}: cannot be read as a checkpoint, it may be truncated or not a "
+                f"PyTorch/Detectron2 checkpoint ({type(e).__name__}: {_first_line(e)})"
+            ) from e
+        weights = loaded.get("model") if isinstance(loaded, Mapping) else loaded
+        if not isinstance(weights, Mapping):
+            raise CheckpointError(
+                f"{filename}: not a checkpoint: holds a {type(weights).__name__} where a dict of weights should be"
+            )
+        return loaded
+
+    def _load_model(self, checkpoint):
+        file_keys = list(checkpoint["model"])
+        incompatible = super()._load_model(checkpoint)
+        params = [name for name, _ in self.model.named_parameters()]
+        not_loaded = set(incompatible.missing_keys) | {key for key, *_ in incompatible.incorrect_shapes}
+        if params and not_loaded.issuperset(params):
+            raise CheckpointError(
+                f"{self._path}: has none of the model's {len(params)} parameters; it is not a checkpoint of "
+                f"this model (its keys: {_examples(file_keys) or 'none'})"
+            )
+        if not_loaded and (self.require_all or self._resuming):
+            why = "resuming" if self._resuming else "evaluating"
+            reshaped = len(incompatible.incorrect_shapes)
+            shapes = f" ({reshaped} with another shape)" if reshaped else ""
+            raise CheckpointError(
+                f"{self._path}: {why} needs every parameter, but it misses {len(not_loaded)}{shapes}: "
+                f"{_examples(not_loaded)}; is it a checkpoint of this config?"
+            )
+        return incompatible
+
+    def save(self, name: str, **kwargs) -> None:
+        if self.save_dir and self.save_to_disk:
+            bad = [key for key, value in self.model.state_dict().items()
+                   if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+            if bad:
+                last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+                at = f" at iteration {kwargs['iteration']}" if "iteration" in kwargs else ""
+                raise FloatingPointError(
+                    f"training has diverged{at}: NaN or infinite values in {len(bad)} of the model's tensors "
+                    f"({_examples(bad)}); checkpoint {name} not saved, the last one is {last}"
+                )
+        super().save(name, **kwargs)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not os.path.isdir(self.save_dir):  # not a local folder: no atomic rename
+            return super().tag_last_checkpoint(last_filename_basename)
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        with open(save_file + ".tmp", "w") as f:
+            f.write(last_filename_basename)
+        os.replace(save_file + ".tmp", save_file)

@@ -1,0 +1,388 @@
+"""Faults: bad checkpoint files stop with one CheckpointError line instead of a silent random
+initialisation (fpn_rpn.checkpoint); diverged training stops naming the iteration and keeps
+the last good checkpoint; a run killed with SIGKILL resumes from its last checkpoint with
+its history; a proposal file for other images is named. tools/train_net.py is run as users
+run it, in a subprocess, on a tiny config."""
+import fpn_rpn  # noqa: F401  # before detectron2
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+
+from conftest import REPO
+from fpn_rpn import add_fpn_rpn_config, register_coco_json
+from fpn_rpn.checkpoint import CheckedCheckpointer, CheckpointError
+from fpn_rpn.coco_checks import DataError, check_proposal_file
+
+CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
+TRAIN_NET = REPO / "tools" / "train_net.py"
+VAL_IDS = [802, 10764, 11813, 20992]  # four small coco_mini val images
+
+
+def _cfg():
+    cfg = get_cfg()
+    add_fpn_rpn_config(cfg)
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FPN.OUT_CHANNELS = 32  # a small model: fast on CPU
+    return cfg
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return build_model(_cfg())
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model, state):
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+def _one_line_error(error_type, match, fn, *args, **kwargs):
+    with pytest.raises(error_type, match=match) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An output folder with one checkpoint (iteration 9) of a model (seed 1), and that model's state."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    model = _model(seed=1)
+    CheckedCheckpointer(model, str(out)).save("model_0000009", iteration=9)
+    return out, _state(model)
+
+
+# ---- checkpoint files -----------------------------------------------------------------
+
+
+def test_own_checkpoint_loads_and_resumes(saved):
+    out, state = saved
+    assert (out / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert not list(out.glob("*.tmp"))  # last_checkpoint was written through a renamed temporary file
+    model = _model(seed=2)
+    extra = CheckedCheckpointer(model, str(out)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 9
+    _assert_state_equal(model, state)
+    model = _model(seed=2)
+    CheckedCheckpointer(model, require_all=True).load(str(out / "model_0000009.pth"))
+    _assert_state_equal(model, state)
+
+
+def test_missing_checkpoint(tmp_path):
+    model = _model(seed=2)
+    _one_line_error(CheckpointError, f"^checkpoint {re.escape(str(tmp_path / 'nope.pth'))} does not exist$",
+                    CheckedCheckpointer(model).load, str(tmp_path / "nope.pth"))
+
+
+def test_truncated_checkpoint_is_an_error_and_loads_nothing(saved, tmp_path):
+    out, _ = saved
+    data = (out / "model_0000009.pth").read_bytes()
+    (tmp_path / "model_0000009.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    model = _model(seed=2)
+    before = _state(model)
+    match = f"^{re.escape(str(tmp_path / 'model_0000009.pth'))}: cannot be read as a checkpoint, it may be truncated"
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(model).load, str(tmp_path / "model_0000009.pth"))
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(model, str(tmp_path)).resume_or_load, "", resume=True)
+    _assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (lambda path: path.write_text("not a checkpoint"), "cannot be read as a checkpoint"),
+        (lambda path: torch.save([1, 2, 3], path), "not a checkpoint: holds a list where a dict of weights should be"),
+        (lambda path: torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, path),
+         r"has none of the model's \d+ parameters; it is not a checkpoint of this model \(its keys: conv1.weight, "
+         r"fc.weight\)"),
+    ],
+    ids=["text", "list", "foreign_state_dict"],
+)
+def test_foreign_file_is_an_error(tmp_path, write, match):
+    path = tmp_path / "foreign.pth"
+    write(path)
+    model = _model(seed=2)
+    before = _state(model)
+    _one_line_error(CheckpointError, f"^{re.escape(str(path))}: {match}", CheckedCheckpointer(model).load, str(path))
+    _assert_state_equal(model, before)
+
+
+def test_imagenet_backbone_weights_still_load(saved, tmp_path):
+    # ImageNet weights as Detectron2 takes them (tools/convert-torchvision-to-d2.py): backbone
+    # names without the "backbone.bottom_up." prefix, matched by Detectron2's heuristics
+    _, state = saved
+    prefix = "backbone.bottom_up."
+    weights = {k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)}
+    with open(tmp_path / "R-18.pkl", "wb") as f:
+        pickle.dump({"model": weights, "__author__": "torchvision", "matching_heuristics": True}, f)
+    model = _model(seed=2)
+    before = _state(model)
+    CheckedCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    for key, value in model.state_dict().items():
+        expected = state[key] if key.startswith(prefix) else before[key]  # the rest keeps its initialisation
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+
+
+def _partial_checkpoint(saved, out, drop=(), reshape=()):
+    _, state = saved
+    weights = {k: v for k, v in state.items() if not any(k.startswith(d) for d in drop)}
+    for key in reshape:
+        weights[key] = torch.zeros(2 * weights[key].shape[0], *weights[key].shape[1:])  # a softmax head's
+    out.mkdir()
+    torch.save({"model": weights, "iteration": 9}, out / "model_0000009.pth")
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    return out / "model_0000009.pth"
+
+
+def test_resuming_needs_every_parameter(saved, tmp_path):
+    path = _partial_checkpoint(saved, tmp_path / "out", drop=["proposal_generator.rpn_head.anchor_deltas"])
+    model = _model(seed=2)
+    match = (f"^{re.escape(str(path))}: resuming needs every parameter, but it misses 2: "
+             r"proposal_generator.rpn_head.anchor_deltas.bias, proposal_generator.rpn_head.anchor_deltas.weight; "
+             r"is it a checkpoint of this config\?$")
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(model, str(path.parent)).resume_or_load, "",
+                    resume=True)
+    # the same file given as MODEL.WEIGHTS (fine-tuning) loads what it has, as in Detectron2
+    CheckedCheckpointer(model, str(tmp_path / "elsewhere")).resume_or_load(str(path), resume=True)
+    _, state = saved
+    torch.testing.assert_close(model.state_dict()["proposal_generator.rpn_head.conv.weight"],
+                               state["proposal_generator.rpn_head.conv.weight"], rtol=0, atol=0)
+
+
+def test_evaluating_needs_every_parameter(saved, tmp_path):
+    path = _partial_checkpoint(saved, tmp_path / "out",
+                               reshape=["proposal_generator.rpn_head.objectness_logits.weight"])
+    model = _model(seed=2)
+    _one_line_error(CheckpointError,
+                    f"^{re.escape(str(path))}: evaluating needs every parameter, but it misses 1 \\(1 with "
+                    r"another shape\): proposal_generator.rpn_head.objectness_logits.weight;",
+                    CheckedCheckpointer(model, require_all=True).load, str(path))
+    _one_line_error(CheckpointError, r"^no checkpoint to load \(MODEL.WEIGHTS is empty\)",
+                    CheckedCheckpointer(model, require_all=True).load, "")
+
+
+def test_diverged_weights_are_not_saved(saved, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(saved[0], out)
+    model = _model(seed=2)
+    with torch.no_grad():
+        model.proposal_generator.rpn_head.conv.weight[0, 0, 0, 0] = float("nan")
+    match = (r"^training has diverged at iteration 12: NaN or infinite values in 1 of the model's tensors "
+             r"\(proposal_generator.rpn_head.conv.weight\); checkpoint model_0000012 not saved, the last one is "
+             f"{re.escape(str(out / 'model_0000009.pth'))}$")
+    _one_line_error(FloatingPointError, match, CheckedCheckpointer(model, str(out)).save, "model_0000012",
+                    iteration=12)
+    assert (out / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert not (out / "model_0000012.pth").exists()
+
+
+# ---- proposal files -------------------------------------------------------------------
+
+
+def _tiny_dataset(coco_mini, folder):
+    """A COCO json of four coco_mini val images (the images stay in place): (json_file, image_root)."""
+    if not coco_mini.is_dir():
+        pytest.skip(f"{coco_mini} not found")
+    data = json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())
+    data["images"] = [im for im in data["images"] if im["id"] in VAL_IDS]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in VAL_IDS]
+    (folder / "tiny.json").write_text(json.dumps(data))
+    return folder / "tiny.json", coco_mini / "val2017"
+
+
+@pytest.fixture
+def tiny_dataset(coco_mini, tmp_path):
+    return _tiny_dataset(coco_mini, tmp_path)
+
+
+@pytest.fixture
+def catalogs():
+    """Undo the test's dataset registrations."""
+    saved = dict(DatasetCatalog), dict(MetadataCatalog)
+    yield
+    for catalog, entries in zip((DatasetCatalog, MetadataCatalog), saved):
+        catalog.clear()
+        catalog.update(entries)
+
+
+def _proposal_file(path, ids):
+    with open(path, "wb") as f:
+        pickle.dump({"ids": ids, "boxes": [np.zeros((1, 4), np.float32)] * len(ids),
+                     "objectness_logits": [np.zeros(1, np.float32)] * len(ids), "bbox_mode": 0}, f)
+    return path
+
+
+# Detectron2 itself stops with a bare KeyError ('11813') at the first image without proposals
+MISSING_PROPOSALS = (r"no proposals for 2 of the 4 images of dataset 'rb_proposals' \(image ids 11813, 20992\); "
+                     r"the file has proposals for 3 images, 1 of them not in the dataset")
+
+
+def test_proposal_file_for_other_images(tiny_dataset, tmp_path, catalogs):
+    register_coco_json("rb_proposals", *tiny_dataset)
+    # two of the four images, and one of another dataset
+    path = _proposal_file(tmp_path / "box_proposals.pkl", [802, 10764, 123])
+    _one_line_error(DataError, f"^{re.escape(str(path))}: {MISSING_PROPOSALS}", check_proposal_file, path,
+                    "rb_proposals")
+    check_proposal_file(_proposal_file(path, VAL_IDS), "rb_proposals")  # every image has proposals: no error
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_net_checks_proposal_files_at_setup(tiny_dataset, tmp_path, catalogs):
+    train_net = _load_train_net()
+    path = _proposal_file(tmp_path / "box_proposals.pkl", [802, 10764, 123])
+
+    def setup(train_files, test_files):
+        return train_net.setup(train_net.default_argument_parser().parse_args(
+            ["--config-file", str(CONFIG), "MODEL.LOAD_PROPOSALS", "True",
+             "DATASETS.REGISTER_COCO", repr([["rb_proposals", *map(str, tiny_dataset)]]),
+             "DATASETS.TRAIN", "('rb_proposals',)", "DATASETS.TEST", "('rb_proposals',)",
+             "DATASETS.PROPOSAL_FILES_TRAIN", repr(train_files), "DATASETS.PROPOSAL_FILES_TEST", repr(test_files),
+             "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
+        ))
+
+    good = str(_proposal_file(tmp_path / "all.pkl", VAL_IDS))
+    _one_line_error(DataError, MISSING_PROPOSALS, setup, (good,), (str(path),))
+    _one_line_error(train_net.ConfigError, r"^DATASETS.PROPOSAL_FILES_TEST has 0 files for the 1 datasets of "
+                                           r"DATASETS.TEST: give one per dataset$", setup, (good,), ())
+    assert setup((good,), (good,)).MODEL.LOAD_PROPOSALS
+
+
+# ---- tools/train_net.py in a subprocess -----------------------------------------------
+
+
+def _command(output_dir, dataset, flags=(), opts=()):
+    """train_net's command line; ``opts`` come last, so they override the others."""
+    register = [["rb_tiny", *map(str, dataset)]]
+    return [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), *flags,
+            "MODEL.FPN.OUT_CHANNELS", "32", "DATASETS.REGISTER_COCO", repr(register),
+            "DATASETS.TRAIN", "('rb_tiny',)", "DATASETS.TEST", "('rb_tiny',)",
+            "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
+            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
+            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "()",
+            "SOLVER.MAX_ITER", "30", "SOLVER.CHECKPOINT_PERIOD", "15", "DATALOADER.NUM_WORKERS", "0", "SEED", "1",
+            "OUTPUT_DIR", str(output_dir), *opts]  # fmt: skip
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the machine's cores are shared
+
+
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def _iterations(metrics_text):
+    """Iterations of the training lines of metrics.json (a line being written is left out)."""
+    lines = [line for line in metrics_text.splitlines() if "total_loss" in line and line.endswith("}")]
+    return [json.loads(line)["iteration"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(coco_mini, tmp_path_factory):
+    """A run killed with SIGKILL after iteration 19 (last checkpoint: iteration 14), then resumed."""
+    root = tmp_path_factory.mktemp("killed")
+    dataset = _tiny_dataset(coco_mini, root)
+    output_dir = root / "output"
+    process = subprocess.Popen(_command(output_dir, dataset), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    metrics = output_dir / "metrics.json"
+    deadline = time.time() + 300
+    # Detectron2 writes metrics.json every 20 iterations: kill as soon as iteration 19 is there
+    while process.poll() is None and time.time() < deadline:
+        if metrics.is_file() and 19 in _iterations(metrics.read_text()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (output_dir / "last_checkpoint").read_text() == "model_0000014.pth"
+    assert not (output_dir / "model_final.pth").exists()
+    before = {name: (output_dir / name).read_bytes() for name in ("metrics.json", "log.txt", "model_0000014.pth")}
+
+    resumed = _run(_command(output_dir, dataset, flags=["--resume"]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return dataset, output_dir, before, resumed
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(killed_and_resumed):
+    _, output_dir, before, resumed = killed_and_resumed
+    assert "Starting training from iteration 15" in resumed.stdout + resumed.stderr
+    # nothing lost: the checkpoint it resumed from, the log and the metrics history are kept and
+    # appended to; iterations 15-19 were trained twice, so iteration 19 appears twice
+    assert (output_dir / "model_0000014.pth").read_bytes() == before["model_0000014.pth"]
+    for name in ("metrics.json", "log.txt"):
+        assert (output_dir / name).read_bytes().startswith(before[name]), name
+    metrics = (output_dir / "metrics.json").read_text()
+    assert _iterations(before["metrics.json"].decode()) == [19]
+    assert _iterations(metrics) == [19, 19, 29]
+    assert "recall_d2/AR@100" in metrics.splitlines()[-1]  # then the final evaluation
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def _resume_copy(killed_and_resumed, name, opts=()):
+    """Copy the resumed run's output folder; return the command resuming from the copy, and the copy."""
+    dataset, output_dir = killed_and_resumed[:2]
+    copy = output_dir.parent / name
+    shutil.copytree(output_dir, copy)
+    return _command(copy, dataset, flags=["--resume"], opts=opts), copy
+
+
+def _assert_one_line_error(run, pattern):
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(f"train_net.py: error: {pattern}", last), last
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "opts, pattern",
+    [
+        # Detectron2's check of the summed loss (loss_rpn_loc x 1e39 is inf in float32)
+        (["MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "1e39"],
+         r"Loss became infinite or NaN at iteration=30! loss_dict = \{.*'loss_rpn_loc': \S*(inf|nan)\S*\}"),
+        # fpn_rpn's check of the predictions (a zero pixel std makes the input infinite)
+        (["MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]"],
+         r"RPN predicted boxes or objectness logits contain Inf/NaN: training has diverged .* \(iteration 30\)"),
+    ],
+    ids=["loss", "predictions"],
+)
+def test_diverged_training_names_the_iteration_and_keeps_the_checkpoint(killed_and_resumed, opts, pattern):
+    cmd, output_dir = _resume_copy(killed_and_resumed, f"diverged_{opts[0]}", ["SOLVER.MAX_ITER", "35", *opts])
+    final = (output_dir / "model_final.pth").read_bytes()
+    run = _run(cmd)  # resumes at iteration 30
+    _assert_one_line_error(run, pattern)
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+    assert (output_dir / "model_final.pth").read_bytes() == final
+    assert not list(output_dir.glob("model_00000[3-9]*.pth"))
+    assert "Traceback" in (output_dir / "log.txt").read_text()  # for bug reports
+
+
+def test_truncated_checkpoint_stops_resume(killed_and_resumed):
+    cmd, output_dir = _resume_copy(killed_and_resumed, "truncated")
+    path = output_dir / "model_final.pth"
+    path.write_bytes(path.read_bytes()[:100_000])
+    run = _run(cmd)
+    _assert_one_line_error(run, f"{re.escape(str(path))}: cannot be read as a checkpoint, it may be truncated .*")
