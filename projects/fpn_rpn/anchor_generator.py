@@ -1,4 +1,5 @@
 import math
+from collections import OrderedDict
 from typing import List, Sequence
 
 import torch
@@ -60,7 +61,15 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
     Detectron2's DefaultAnchorGenerator uses ratios a = height / width; configured
     with ``ratios = [1 / a for a in aspect_ratios]`` and the same sizes, strides and
     offset, this class yields exactly its anchors, in the same order.
+
+    Anchors depend only on the feature-map size, so they are computed once per level,
+    size, device and dtype and then reused (the last :attr:`CACHE_SIZE` of them). The
+    returned tensors are shared between calls: do not modify them in place. The cache
+    is a plain attribute, not a buffer, so it is not in ``state_dict()``, and it is
+    emptied when the module is moved (``.to()``, ``.cuda()``, ``.half()``, ...).
     """
+
+    CACHE_SIZE = 40  # (level, size) entries: 8 input sizes x 5 levels
 
     @configurable
     def __init__(self, *, sizes, ratios, strides, offset: float = 0.0):
@@ -84,6 +93,29 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
             offset=offset,
         )
         self.ratios = ratios
+        self._anchor_cache = OrderedDict()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._anchor_cache.clear()  # the cell anchors are about to move or change dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def _grid_anchors(self, grid_sizes: List[List[int]]):
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return super()._grid_anchors(grid_sizes)
+        cell_anchors = [x[1] for x in self.cell_anchors.named_buffers()]
+        keys = [(level, int(size[0]), int(size[1]), base.device, base.dtype)
+                for level, (size, base) in enumerate(zip(grid_sizes, cell_anchors))]
+        cache = self._anchor_cache
+        if any(key not in cache for key in keys):
+            # Plain tensors even under inference_mode, so that they can be reused outside it.
+            with torch.inference_mode(False):
+                for key, anchors in zip(keys, super()._grid_anchors(grid_sizes)):
+                    cache[key] = anchors
+        for key in keys:
+            cache.move_to_end(key)
+        while len(cache) > max(self.CACHE_SIZE, len(keys)):
+            cache.popitem(last=False)
+        return [cache[key] for key in keys]
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):

@@ -1,17 +1,18 @@
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import giou_loss, smooth_l1_loss
 
+from .anchor_matching import match_and_sample
 from .config_checks import check_rpn_config
-from .proposal_utils import find_top_proposals
+from .proposal_utils import select_proposals, top_k_proposals_per_level
 
 __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
 
@@ -28,7 +29,9 @@ class FPNRPN(RPN):
     with configurable loss normalisation. At inference, the per-level top-K
     proposals of all levels go through one class-agnostic NMS per image
     ("cross_level"), so a box predicted on two levels is kept once; "per_level"
-    reproduces Detectron2's RPN exactly. Every step runs batched over images.
+    reproduces Detectron2's RPN exactly. Every step runs batched over images, and
+    work whose result is unused is skipped: only the top-K anchors of each level are
+    decoded, and box targets are computed for sampled positives only.
     """
 
     @configurable
@@ -100,6 +103,72 @@ class FPNRPN(RPN):
         return counted.sum().clamp(min=1).to(torch.float32)
 
     @torch.jit.unused
+    @torch.no_grad()
+    def label_and_sample_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """
+        Detectron2's labels and samples (the same for a given ``torch.manual_seed``),
+        computed for the whole batch at once by :func:`match_and_sample`.
+
+        Returns:
+            list[Tensor]: N int8 vectors (R,) of labels in {-1, 0, 1}, R = sum(Hi*Wi*A).
+            list[Tensor]: N tensors (R, 4), the matched gt box of each positive anchor
+                (0 for the other anchors, whose values Detectron2 leaves undefined).
+        """
+        anchors = Boxes.cat(anchors)
+        ignore = None
+        if self.anchor_boundary_thresh >= 0:
+            # Legacy option, off by default: anchors beyond the image border are ignored.
+            ignore = torch.stack([~anchors.inside_box(x.image_size, self.anchor_boundary_thresh)
+                                  for x in gt_instances])
+        gt_labels, matched_gt_boxes = match_and_sample(
+            anchors.tensor,
+            [x.gt_boxes.tensor for x in gt_instances],
+            self.anchor_matcher,
+            self.batch_size_per_image,
+            self.positive_fraction,
+            ignore=ignore,
+        )
+        return list(gt_labels.unbind(0)), list(matched_gt_boxes.unbind(0))
+
+    def _box_regression_loss(
+        self,
+        anchors: torch.Tensor,
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+        pos_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Detectron2's ``_dense_box_regression_loss``, evaluated on positive anchors only:
+        the same terms summed in the same order, so the same value, without box targets
+        for the other anchors of the batch.
+
+        Args:
+            anchors: (R, 4); pred_anchor_deltas: L tensors (N, Hi*Wi*A, 4);
+            gt_boxes: N tensors (R, 4); pos_mask: (N, R).
+        """
+        image_idx, anchor_idx = pos_mask.nonzero(as_tuple=True)  # row-major, as [pos_mask]
+        # (N, R, 4) indexed at the positives, level by level, without concatenating levels
+        starts = [0]
+        for deltas_i in pred_anchor_deltas:
+            starts.append(starts[-1] + deltas_i.shape[1])
+        level_idx = torch.bucketize(anchor_idx, anchor_idx.new_tensor(starts[1:-1]), right=True)
+        parts, order = [], []
+        for level, deltas_i in enumerate(pred_anchor_deltas):
+            in_level = (level_idx == level).nonzero().squeeze(1)
+            parts.append(deltas_i[image_idx[in_level], anchor_idx[in_level] - starts[level]])
+            order.append(in_level)
+        pred = cat(parts)[torch.argsort(cat(order))]  # (P, 4), rows in pos_mask order
+        target = cat([gt_i[anchor_idx[image_idx == i]] for i, gt_i in enumerate(gt_boxes)])
+        positive_anchors = anchors[anchor_idx]
+        if self.box_reg_loss_type == "smooth_l1":
+            target_deltas = self.box2box_transform.get_deltas(positive_anchors, target)
+            return smooth_l1_loss(pred, target_deltas, self.smooth_l1_beta, reduction="sum")
+        pred_boxes = self.box2box_transform.apply_deltas(pred, positive_anchors)
+        return giou_loss(pred_boxes, target, reduction="sum")
+
+    @torch.jit.unused
     def losses(
         self,
         anchors: List[Boxes],
@@ -120,14 +189,8 @@ class FPNRPN(RPN):
         storage.put_scalar("rpn/num_pos_anchors", pos_mask.sum().item() / num_images)
         storage.put_scalar("rpn/num_neg_anchors", (gt_labels == 0).sum().item() / num_images)
 
-        localization_loss = _dense_box_regression_loss(
-            anchors,
-            self.box2box_transform,
-            pred_anchor_deltas,
-            gt_boxes,
-            pos_mask,
-            box_reg_loss_type=self.box_reg_loss_type,
-            smooth_l1_beta=self.smooth_l1_beta,
+        localization_loss = self._box_regression_loss(
+            Boxes.cat(anchors).tensor, pred_anchor_deltas, gt_boxes, pos_mask
         )
         objectness_loss = F.binary_cross_entropy_with_logits(
             cat(pred_objectness_logits, dim=1)[valid_mask],
@@ -154,13 +217,19 @@ class FPNRPN(RPN):
         """
         # Proposals are fixed inputs of the ROI heads: no gradient through the boxes.
         with torch.no_grad():
-            pred_proposals = self._decode_proposals(anchors, pred_anchor_deltas)
-            return find_top_proposals(
-                pred_proposals,
+            boxes, scores, levels = top_k_proposals_per_level(
+                [a.tensor for a in anchors],
+                pred_anchor_deltas,
                 pred_objectness_logits,
+                self.pre_nms_topk[self.training],
+                self.box2box_transform,
+            )
+            return select_proposals(
+                boxes,
+                scores,
+                levels,
                 image_sizes,
                 self.nms_thresh,
-                self.pre_nms_topk[self.training],
                 self.post_nms_topk[self.training],
                 self.min_box_size,
                 self.training,
