@@ -14,5 +14,5 @@ setup(
     python_requires=">=3.8",
     package_dir={"": "projects"},
     packages=["fpn_rpn"],
-    install_requires=["numpy", "pycocotools", "opencv-python", "matplotlib", "tqdm"],
+    install_requires=["numpy", "pycocotools", "opencv-contrib-python", "matplotlib", "tqdm"],
 )

@@ -53,6 +53,12 @@ else
 fi
 
 log "installing the remaining requirements and fpn_rpn (editable)"
-$PIP install -q "setuptools<81" fvcore opencv-python pycocotools pytest matplotlib tqdm
+# opencv-contrib-python (cv2.ximgproc for the Selective Search baseline) and opencv-python
+# both install cv2: keep only contrib, reinstalling it over the files opencv-python removes
+if $PIP show opencv-python >/dev/null 2>&1; then
+    $PIP uninstall -y -q opencv-python
+    $PIP install -q --force-reinstall --no-deps opencv-contrib-python
+fi
+$PIP install -q "setuptools<81" fvcore opencv-contrib-python pycocotools pytest matplotlib tqdm
 $PIP install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import fpn_rpn, detectron2, torch; print('[setup_env] ready: torch', torch.__version__, '| detectron2', detectron2.__version__, '| fpn_rpn', fpn_rpn.__file__)"

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from .proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table, gt_from_coco
 
-__all__ = ["ProposalRecallEvaluator"]
+__all__ = ["ProposalRecallEvaluator", "load_coco_ground_truth"]
 
 
 class ProposalRecallEvaluator(DatasetEvaluator):
@@ -136,7 +136,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         if self._save_proposals:
             self._write_proposals(list(by_image.values()))
 
-        gt = gt_from_coco(self._load_ground_truth(), by_image.keys())
+        gt = gt_from_coco(load_coco_ground_truth(self._dataset_name, self._output_dir), by_image.keys())
         proposals = {
             img_id: {"boxes": p["boxes"], "scores": p["objectness_logits"]}
             for img_id, p in by_image.items()
@@ -164,17 +164,21 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             pickle.dump(proposal_data, f)
         self._logger.info(f"Saved the proposals of {len(predictions)} images to {path}")
 
-    def _load_ground_truth(self) -> COCO:
-        metadata = MetadataCatalog.get(self._dataset_name)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            if hasattr(metadata, "json_file"):
-                return COCO(PathManager.get_local_path(metadata.json_file))
-            if self._output_dir:
-                # cached like COCOEvaluator's conversion
-                cache_path = os.path.join(self._output_dir, f"{self._dataset_name}_coco_format.json")
-                convert_to_coco_json(self._dataset_name, cache_path)
-                return COCO(PathManager.get_local_path(cache_path))
-            coco = COCO()
-            coco.dataset = convert_to_coco_dict(self._dataset_name)
-            coco.createIndex()
-            return coco
+
+def load_coco_ground_truth(dataset_name: str, cache_dir: str = None) -> COCO:
+    """
+    The dataset's COCO json (metadata ``json_file``), or Detectron2's conversion of its
+    dicts, cached in ``cache_dir`` when given, as COCOEvaluator does.
+    """
+    metadata = MetadataCatalog.get(dataset_name)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if hasattr(metadata, "json_file"):
+            return COCO(PathManager.get_local_path(metadata.json_file))
+        if cache_dir:
+            cache_path = os.path.join(cache_dir, f"{dataset_name}_coco_format.json")
+            convert_to_coco_json(dataset_name, cache_path)
+            return COCO(PathManager.get_local_path(cache_path))
+        coco = COCO()
+        coco.dataset = convert_to_coco_dict(dataset_name)
+        coco.createIndex()
+        return coco

@@ -1,0 +1,402 @@
+"""Proposals of one dataset from several kinds of source, in one form, for comparing recall.
+
+Every source gives :class:`SourceProposals`: per image id, boxes (N, 4) float32 XYXY in
+original image coordinates and scores (N,) float32, higher first (any order; the recall
+functions sort), the form :func:`fpn_rpn.proposal_recall.evaluate_recall` takes.
+
+- :func:`run_model`: a trained model (config + weights) over the images.
+- :func:`load_proposal_file`: a Detectron2 proposal file (``box_proposals.pkl``).
+- :func:`selective_search`: OpenCV's Selective Search, fast mode (opencv-contrib-python).
+- :func:`anchor_proposals`: the anchors of a config, without regression, as proposals.
+
+:func:`cached` keeps the proposals of slow sources on disk, keyed by what they depend on.
+"""
+import ctypes
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch import ProposalNetwork
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.file_io import PathManager
+from tqdm import tqdm
+
+from .anchor_analysis import AnchorGrid, input_size_at_test
+from .config import add_fpn_rpn_config
+from .datasets import register_datasets
+
+__all__ = [
+    "SourceProposals",
+    "anchor_proposals",
+    "cache_key",
+    "cached",
+    "get_dataset_dicts",
+    "load_config",
+    "load_proposal_file",
+    "run_model",
+    "selective_search",
+]
+
+logger = logging.getLogger(__name__)
+
+# Proposals of one image: {"boxes": (N, 4) float32 XYXY_ABS, "scores": (N,) float32}
+ImageProposals = Dict[str, np.ndarray]
+
+
+@dataclass
+class SourceProposals:
+    """
+    The proposals of one source over a dataset.
+
+    Attributes:
+        name: the source's label in tables and plots.
+        proposals: image_id -> {"boxes": (N, 4) float32 XYXY in original image
+            coordinates, "scores": (N,) float32, higher is better}.
+        seconds_per_image: mean time to compute one image's proposals, without reading
+            the image file; NaN where unknown (a proposal file).
+        info: what the proposals came from (config, weights, options), for reports.
+    """
+
+    name: str
+    proposals: Dict[Any, ImageProposals]
+    seconds_per_image: float = math.nan
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proposals_per_image(self) -> float:
+        if not self.proposals:
+            return math.nan
+        return float(np.mean([len(p["scores"]) for p in self.proposals.values()]))
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None):
+    """
+    A frozen config as ``tools/train_net.py`` builds it (without its logging set-up):
+    fpn_rpn's keys added, ``opts`` merged, ``MODEL.WEIGHTS`` set to ``weights`` if
+    given, and CPU where the config names CUDA but none is available.
+    """
+    cfg = add_fpn_rpn_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if weights is not None:
+        cfg.MODEL.WEIGHTS = weights
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def get_dataset_dicts(dataset_name: str, max_images: Optional[int] = None, cfgs: Sequence = ()) -> List[dict]:
+    """
+    The first ``max_images`` records (all if None) of a registered dataset, after
+    registering fpn_rpn's datasets and the ``DATASETS.REGISTER_COCO`` entries of ``cfgs``.
+    The configs' own train/test datasets are not touched (so a config naming the
+    synthetic dataset does not generate it unless ``dataset_name`` is that dataset).
+    """
+    for cfg in list(cfgs) or [add_fpn_rpn_config(get_cfg())]:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (dataset_name,)
+        register_datasets(cfg)
+    if dataset_name not in DatasetCatalog.list():
+        own = sorted(n for n in DatasetCatalog.list() if n.startswith(("coco_mini", "fpn_rpn_")))
+        raise ValueError(
+            f"Dataset {dataset_name!r} is not registered. fpn_rpn registers {own}; Detectron2's "
+            "built-in names (coco_2017_val, ...) need their files under $DETECTRON2_DATASETS; "
+            "others can be added with DATASETS.REGISTER_COCO in a config."
+        )
+    dicts = DatasetCatalog.get(dataset_name)
+    return dicts if max_images is None else dicts[:max_images]
+
+
+def _image_ids(dataset_dicts_or_ids: Iterable) -> List[Any]:
+    return [d["image_id"] if isinstance(d, dict) else d for d in dataset_dicts_or_ids]
+
+
+def load_proposal_file(path: str, dataset_dicts_or_ids: Iterable) -> Dict[Any, ImageProposals]:
+    """
+    Read a Detectron2 proposal file for the given images, with the checks that
+    Detectron2's ``load_proposals_into_dataset`` lacks (it fails with a bare KeyError).
+
+    The file is a pickled dict with "ids", "boxes" (per image (N, 4)),
+    "objectness_logits" (per image (N,)) and optionally "bbox_mode" (default
+    XYXY_ABS); Detectron1's "indexes"/"scores" names are accepted, as Detectron2 does.
+    Ids are matched as strings, as Detectron2 matches them.
+
+    Args:
+        path: the ``.pkl`` file.
+        dataset_dicts_or_ids: the dataset's records (with "image_id") or image ids.
+
+    Returns:
+        image_id (as in the dataset) -> {"boxes": (N, 4) float32 XYXY_ABS, "scores": (N,)
+        float32}, every box of the file kept.
+
+    Raises:
+        ValueError: keys are missing, lengths differ, or images of the dataset have no
+            entry in the file (the message gives how many and some of their ids).
+    """
+    with PathManager.open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a pickled dict (Detectron2 proposal file), got {type(data).__name__}")
+    data = dict(data)
+    for old, new in (("indexes", "ids"), ("scores", "objectness_logits")):  # Detectron1 names
+        if old in data and new not in data:
+            data[new] = data.pop(old)
+    missing_keys = [k for k in ("ids", "boxes", "objectness_logits") if k not in data]
+    if missing_keys:
+        raise ValueError(f"{path}: proposal file lacks {missing_keys}; it has keys {sorted(data)}")
+    ids, boxes, logits = data["ids"], data["boxes"], data["objectness_logits"]
+    if not len(ids) == len(boxes) == len(logits):
+        raise ValueError(
+            f"{path}: {len(ids)} ids, {len(boxes)} box arrays and {len(logits)} "
+            "objectness_logits arrays; they must be as many"
+        )
+    bbox_mode = BoxMode(data.get("bbox_mode", BoxMode.XYXY_ABS))
+    index = {str(i): n for n, i in enumerate(ids)}
+
+    image_ids = _image_ids(dataset_dicts_or_ids)
+    missing = [i for i in image_ids if str(i) not in index]
+    if missing:
+        matched = len(image_ids) - len(missing)
+        raise ValueError(
+            f"{path}: {len(missing)} of the {len(image_ids)} images of the dataset have no "
+            f"proposals in the file (e.g. image ids {missing[:5]}); the file holds {len(ids)} "
+            f"image ids, {matched} of them in the dataset. Was it made for another dataset or split?"
+        )
+    proposals = {}
+    for img_id in image_ids:
+        n = index[str(img_id)]
+        b = np.asarray(boxes[n], dtype=np.float32).reshape(-1, 4)
+        s = np.asarray(logits[n], dtype=np.float32).reshape(-1)
+        if len(b) != len(s):
+            raise ValueError(f"{path}: image {img_id!r} has {len(b)} boxes but {len(s)} objectness_logits")
+        if bbox_mode != BoxMode.XYXY_ABS:
+            b = BoxMode.convert(b, bbox_mode, BoxMode.XYXY_ABS).astype(np.float32)
+        proposals[img_id] = {"boxes": b, "scores": s}
+    return proposals
+
+
+def _proposals_of(instances: Instances) -> ImageProposals:
+    instances = instances.to("cpu")
+    return {
+        "boxes": instances.proposal_boxes.tensor.detach().float().numpy(),
+        "scores": instances.objectness_logits.detach().float().numpy(),
+    }
+
+
+def run_model(cfg, dataset_dicts: Sequence[dict], progress: bool = False) -> Tuple[Dict[Any, ImageProposals], float]:
+    """
+    Proposals of a model (``cfg``, with ``cfg.MODEL.WEIGHTS``) for each image, one image
+    at a time, with the test-time resize of ``cfg.INPUT``.
+
+    A ProposalNetwork's forward gives the proposals; for other meta-architectures with
+    ``preprocess_image``, ``backbone`` and ``proposal_generator`` (GeneralizedRCNN) the
+    same steps are run up to the proposal generator, whose forward returns detections.
+
+    Returns:
+        image_id -> proposals (original image coordinates), and the mean seconds of the
+        model call per image (reading and resizing the image excluded).
+    """
+    model = build_model(cfg)
+    model.eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if not isinstance(model, ProposalNetwork) and not all(
+        hasattr(model, a) for a in ("preprocess_image", "backbone", "proposal_generator")
+    ):
+        raise ValueError(
+            f"{type(model).__name__} has no proposal generator to run "
+            "(expected a ProposalNetwork or a GeneralizedRCNN-like model)"
+        )
+    mapper = DatasetMapper(cfg, is_train=False)
+    proposals, seconds = {}, 0.0
+    for record in tqdm(dataset_dicts, desc="proposals", unit="img", disable=not progress):
+        inputs = [mapper(record)]
+        start = time.perf_counter()
+        with torch.no_grad():
+            if isinstance(model, ProposalNetwork):
+                instances = model(inputs)[0]["proposals"]
+            else:
+                images = model.preprocess_image(inputs)
+                features = model.backbone(images.tensor)
+                found, _ = model.proposal_generator(images, features, None)
+                instances = detector_postprocess(found[0], inputs[0]["height"], inputs[0]["width"])
+        seconds += time.perf_counter() - start
+        proposals[record["image_id"]] = _proposals_of(instances)
+    return proposals, seconds / max(len(dataset_dicts), 1)
+
+
+def _seed_c_rand(seed: int) -> None:
+    # OpenCV's Selective Search ranks regions with C rand(): seeding it makes the ranking repeatable
+    try:
+        ctypes.CDLL(None).srand(seed)
+    except (OSError, AttributeError):  # no C library to reach (e.g. Windows): unseeded ranking
+        pass
+
+
+def selective_search(
+    dataset_dicts: Sequence[dict],
+    max_side: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tuple[Dict[Any, ImageProposals], float]:
+    """
+    OpenCV's Selective Search (``cv2.ximgproc``, from opencv-contrib-python) in fast
+    mode, with its own ranking: OpenCV orders the boxes by hierarchy level times a
+    random number (``rand()`` seeded with ``seed`` before each image, so a run is
+    repeatable), and the score given here is minus the place in that order.
+
+    Args:
+        max_side: if set, images whose longer side exceeds it are shrunk to it first
+            (Selective Search takes seconds per VGA image on one core) and the boxes
+            are scaled back to the original image.
+
+    Returns:
+        image_id -> proposals, and the mean seconds per image (resize and search).
+    """
+    import cv2  # here: only this source needs opencv-contrib-python's ximgproc
+
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError(
+            "Selective Search needs cv2.ximgproc from opencv-contrib-python "
+            "(pip uninstall opencv-python; pip install opencv-contrib-python)"
+        )
+    proposals, seconds = {}, 0.0
+    for record in tqdm(dataset_dicts, desc="selective search", unit="img", disable=not progress):
+        image = read_image(record["file_name"], format="BGR")
+        start = time.perf_counter()
+        h, w = image.shape[:2]
+        scale = 1.0
+        if max_side is not None and max(h, w) > max_side:
+            scale = max_side / max(h, w)
+            image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        _seed_c_rand(seed)
+        search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        search.setBaseImage(image)
+        search.switchToSelectiveSearchFast()
+        rects = np.asarray(search.process(), dtype=np.float32).reshape(-1, 4)  # XYWH, best first
+        seconds += time.perf_counter() - start
+        boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
+        boxes = np.minimum(boxes, np.array([w, h, w, h], dtype=np.float32))
+        proposals[record["image_id"]] = {
+            "boxes": boxes.astype(np.float32),
+            "scores": -np.arange(len(boxes), dtype=np.float32),
+        }
+    return proposals, seconds / max(len(dataset_dicts), 1)
+
+
+def anchor_proposals(cfg, dataset_dicts: Sequence[dict], seed: int = 0) -> Tuple[Dict[Any, ImageProposals], float]:
+    """
+    The config's anchors as regression-free proposals: all anchors of all levels at
+    the test resolution, clipped and mapped back to the original image as the RPN's
+    outputs are (``detector_postprocess``), empty ones dropped.
+
+    Anchors have no score. They are ranked in a random order (a permutation drawn
+    from ``seed`` and the image id), so AR@k is the recall of k anchors drawn at
+    random, and at k >= the number of anchors it is the recall of the whole anchor
+    set: an upper bound for proposals that only select anchors (no regression).
+
+    Returns:
+        image_id -> proposals, and the mean seconds per image.
+    """
+    grid = AnchorGrid(cfg)
+    proposals, seconds = {}, 0.0
+    for record in dataset_dicts:
+        start = time.perf_counter()
+        height, width = record["height"], record["width"]
+        h, w = input_size_at_test(cfg, height, width)
+        instances = Instances((h, w))
+        instances.proposal_boxes = Boxes.cat(grid.anchors(h, w))
+        instances.proposal_boxes.clip((h, w))  # as the RPN clips its proposals
+        instances = detector_postprocess(instances, height, width)
+        rng = np.random.default_rng([seed, zlib.crc32(str(record["image_id"]).encode())])
+        order = rng.permutation(len(instances))
+        seconds += time.perf_counter() - start
+        proposals[record["image_id"]] = {
+            "boxes": instances.proposal_boxes.tensor.numpy().astype(np.float32),
+            "scores": -order.astype(np.float32),
+        }
+    return proposals, seconds / max(len(dataset_dicts), 1)
+
+
+def _file_stamp(path: str) -> Any:
+    """(path, mtime, size) of a local file; the string itself for anything else (URLs, "")."""
+    if path and os.path.isfile(path):
+        stat = os.stat(path)
+        return [os.path.abspath(path), stat.st_mtime, stat.st_size]
+    return path
+
+
+def cache_key(kind: str, dataset_name: str, dataset_dicts: Sequence[dict], cfg=None, **options) -> Dict[str, Any]:
+    """
+    What a source's proposals depend on: its kind and options, the dataset name and
+    image ids, and for a model the whole merged config (so ``_BASE_`` files and opts
+    count) and the weights file's path, mtime and size.
+    """
+    ids = json.dumps([str(d["image_id"]) for d in dataset_dicts])
+    key = {
+        "kind": kind,
+        "dataset": dataset_name,
+        "image_ids": hashlib.sha1(ids.encode()).hexdigest(),
+        "num_images": len(dataset_dicts),
+        "options": options,
+        "version": 1,
+    }
+    if cfg is not None:
+        key["config"] = hashlib.sha1(cfg.dump().encode()).hexdigest()
+        key["weights"] = _file_stamp(cfg.MODEL.WEIGHTS)
+    return key
+
+
+def cached(
+    cache_dir: Optional[str],
+    name: str,
+    key: Dict[str, Any],
+    compute: Callable[[], Tuple[Dict[Any, ImageProposals], float]],
+) -> Tuple[Dict[Any, ImageProposals], float, bool]:
+    """
+    ``compute()`` (proposals, seconds per image), or what an earlier call with an equal
+    ``key`` stored in ``cache_dir/<name>-<hash of key>.pkl``. ``cache_dir=None`` always
+    computes.
+
+    Returns:
+        proposals, seconds per image (as measured when they were computed), and whether
+        they came from the cache.
+    """
+    if cache_dir is None:
+        return (*compute(), False)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, "{}-{}.pkl".format(re.sub(r"[^A-Za-z0-9_.-]+", "_", name), digest))
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            stored = pickle.load(f)
+        if stored.get("key") == json.loads(json.dumps(key, default=str)):
+            logger.info(f"Proposals of {name!r} read from the cache {path}")
+            return stored["proposals"], stored["seconds_per_image"], True
+    proposals, seconds = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(
+            {"key": json.loads(json.dumps(key, default=str)), "proposals": proposals, "seconds_per_image": seconds},
+            f,
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+    os.replace(tmp, path)  # a run killed while writing leaves no half file under the real name
+    return proposals, seconds, False

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""
+Compare the proposal recall of models, proposal files and baselines on one dataset.
+
+    python tools/compare_recall.py --dataset coco_mini_val --output-dir output/compare \\
+        --model ours=configs/demo/fpn_rpn_R_18_GN_synthetic.yaml:output/demo/fpn_rpn/model_final.pth \\
+        --proposals old=output/inference/coco_mini_val/box_proposals.pkl \\
+        --selective-search --anchors anchors=configs/demo/fpn_rpn_R_18_GN_synthetic.yaml
+
+Sources, in any number and order (the table keeps the command line's order):
+  --model NAME=CONFIG[:WEIGHTS]  run a model (weights default to the config's MODEL.WEIGHTS)
+  --proposals NAME=FILE          a Detectron2 proposal file (box_proposals.pkl)
+  --selective-search [NAME]      OpenCV Selective Search, fast mode (opencv-contrib-python)
+  --anchors [NAME=]CONFIG        the config's anchors, unregressed, in random order: AR at
+                                 a budget >= the anchor count is the anchor set's upper bound
+
+Writes OUTPUT_DIR/recall_table.{md,csv}, recall_vs_iou.png (recall at --budget against
+the IoU threshold) and ar_vs_proposals.png (AR against proposals per image, log x).
+Proposals of models and Selective Search are cached in OUTPUT_DIR/cache/, keyed by the
+merged config, the weights file's mtime and size, the dataset and its image ids, so a
+second run only re-evaluates and re-plots.
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+
+import fpn_rpn  # noqa: F401  (before detectron2)
+from fpn_rpn.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
+from fpn_rpn.proposal_sources import (
+    SourceProposals,
+    anchor_proposals,
+    cache_key,
+    cached,
+    get_dataset_dicts,
+    load_config,
+    load_proposal_file,
+    run_model,
+    selective_search,
+)
+from fpn_rpn.plots import plot_ar_vs_proposals, plot_recall_vs_iou
+from fpn_rpn.recall_comparison import (
+    DEFINITION_NAMES,
+    ar_vs_proposals,
+    budget_grid,
+    comparison_rows,
+    format_comparison_table,
+    load_coco_ground_truth,
+    recall_vs_iou,
+    write_csv,
+)
+
+# recall-vs-IoU curves: AR's thresholds 0.50:0.05:0.95 (even places), the midpoints, and 1.0
+IOU_CURVE_THRESHOLDS = np.append(np.stack([COCO_IOU_THRESHOLDS, COCO_IOU_THRESHOLDS + 0.025], 1).ravel(), 1.0)
+
+
+class _AddSource(argparse.Action):
+    """Appends (kind, value) to args.sources, so that sources keep the command line's order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        sources = list(getattr(namespace, "sources", None) or [])
+        sources.append((self.const, value))
+        namespace.sources = sources
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", action=_AddSource, const="model", metavar="NAME=CONFIG[:WEIGHTS]")
+    add("--proposals", action=_AddSource, const="proposals", metavar="NAME=FILE")
+    # without NAME, argparse passes const as the value: the name is then "selective_search"
+    add("--selective-search", action=_AddSource, const="selective_search", nargs="?", metavar="NAME")
+    add("--anchors", action=_AddSource, const="anchors", metavar="[NAME=]CONFIG")
+    add("--dataset", required=True, help="a registered dataset, e.g. coco_mini_val, coco_2017_val")
+    add("--max-images", type=int, default=None, help="use only the dataset's first N images")
+    add("--output-dir", required=True)
+    add("--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS), help="AR@k columns")
+    add("--area-budgets", type=int, nargs="+", default=[100, 1000],
+        help="budgets of the small/medium/large columns")
+    add("--budget", type=int, default=100, help="proposals per image of the recall-vs-IoU plot")
+    add("--definition", choices=["d2", "coco", "both"], default="d2",
+        help="recall definition of the table and plots (see fpn_rpn.proposal_recall)")
+    add("--ss-max-side", type=int, default=None,
+        help="shrink images to this longer side before Selective Search (faster, lower recall)")
+    add("--seed", type=int, default=0, help="seed of Selective Search's and the anchors' ranking")
+    add("--no-cache", action="store_true", help="recompute every source")
+    add("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into every model and anchor config")
+    args = parser.parse_args(argv)
+    args.sources = getattr(args, "sources", None) or []
+    if not args.sources:
+        parser.error("give at least one source: --model, --proposals, --selective-search or --anchors")
+    return args
+
+
+def _split_name(value: str, default: str):
+    match = re.match(r"^([^=/\\]+)=(.+)$", value)
+    return (match.group(1), match.group(2)) if match else (default, value)
+
+
+def _split_config(value: str):
+    # the config ends in .yaml/.yml; what follows a ':' is the weights (which may be a URL)
+    match = re.match(r"^(.+?\.ya?ml)(?::(.+))?$", value)
+    if not match:
+        raise SystemExit(f"--model expects NAME=CONFIG.yaml[:WEIGHTS], got {value!r}")
+    return match.group(1), match.group(2)
+
+
+def parse_sources(args):
+    """[(kind, name, config or None, value)] with model and anchor configs loaded."""
+    parsed = []
+    for kind, value in args.sources:
+        if kind == "model":
+            name, spec = _split_name(value, None)
+            if name is None:
+                raise SystemExit(f"--model expects NAME=CONFIG[:WEIGHTS], got {value!r}")
+            config_file, weights = _split_config(spec)
+            parsed.append((kind, name, load_config(config_file, args.opts, weights), config_file))
+        elif kind == "proposals":
+            name, path = _split_name(value, None)
+            if name is None:
+                raise SystemExit(f"--proposals expects NAME=FILE, got {value!r}")
+            parsed.append((kind, name, None, path))
+        elif kind == "selective_search":
+            parsed.append((kind, value, None, None))
+        else:
+            name, config_file = _split_name(value, "anchors")
+            parsed.append((kind, name, load_config(config_file, args.opts), config_file))
+    names = [name for _, name, _, _ in parsed]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"source names must differ, got {names}")
+    return parsed
+
+
+def load_sources(args, parsed, dataset_dicts):
+    cache_dir = None if args.no_cache else os.path.join(args.output_dir, "cache")
+    sources = []
+    for kind, name, cfg, value in parsed:
+        if kind == "model":
+            key = cache_key("model", args.dataset, dataset_dicts, cfg)
+            proposals, seconds, hit = cached(
+                cache_dir, name, key, lambda: run_model(cfg, dataset_dicts, progress=True)
+            )
+            info = {"config": value, "weights": cfg.MODEL.WEIGHTS, "cached": hit}
+        elif kind == "proposals":
+            proposals, seconds = load_proposal_file(value, dataset_dicts), float("nan")
+            info = {"file": value}
+        elif kind == "selective_search":
+            key = cache_key("selective_search", args.dataset, dataset_dicts,
+                            mode="fast", max_side=args.ss_max_side, seed=args.seed)
+            proposals, seconds, hit = cached(
+                cache_dir, name, key,
+                lambda: selective_search(dataset_dicts, args.ss_max_side, args.seed, progress=True),
+            )
+            info = {"mode": "fast", "max_side": args.ss_max_side, "cached": hit}
+        else:  # anchors: a few ms per image, so never cached
+            proposals, seconds = anchor_proposals(cfg, dataset_dicts, args.seed)
+            info = {"config": value, "ranking": f"random, seed {args.seed}"}
+        sources.append(SourceProposals(name, proposals, seconds, info))
+        print(f"[compare_recall] {name}: {sources[-1].proposals_per_image:.0f} proposals/image ({info})",
+              file=sys.stderr)
+    return sources
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    parsed = parse_sources(args)
+    cfgs = [cfg for _, _, cfg, _ in parsed if cfg is not None]
+    dataset_dicts = get_dataset_dicts(args.dataset, args.max_images, cfgs)
+    sources = load_sources(args, parsed, dataset_dicts)
+    gt = gt_from_coco(load_coco_ground_truth(args.dataset), [d["image_id"] for d in dataset_dicts])
+
+    definitions = ["d2", "coco"] if args.definition == "both" else [args.definition]
+    markdown, csv_rows = [], []
+    for definition in definitions:
+        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition)
+        caption = (
+            f"Proposal recall on {args.dataset} ({len(dataset_dicts)} images), definition "
+            f"\"{definition}\": {DEFINITION_NAMES[definition]}. AR = mean recall over IoU "
+            "0.50:0.05:0.95, as a fraction; AR_s/m/l by COCO area; s/img = time to compute "
+            "one image's proposals, image reading excluded (n/a for files)."
+        )
+        markdown.append(format_comparison_table(rows, caption))
+        csv_rows += [dict(definition=definition, **row) for row in rows]
+    text = "\n\n".join(markdown)
+    print(text)
+    with open(os.path.join(args.output_dir, "recall_table.md"), "w") as f:
+        f.write(text + "\n")
+    write_csv(csv_rows, os.path.join(args.output_dir, "recall_table.csv"))
+
+    for definition in definitions:
+        suffix = "" if len(definitions) == 1 else f"_{definition}"
+        iou_curves, ar_curves = {}, {}
+        for source in sources:
+            recall = recall_vs_iou(gt, source.proposals, args.budget, IOU_CURVE_THRESHOLDS, definition)
+            ar = recall[:-1:2].mean()  # at AR's thresholds: evaluate_recall's AR@budget
+            iou_curves[f"{source.name} (AR@{args.budget} {ar:.3f})"] = recall
+            max_count = max((len(p["scores"]) for p in source.proposals.values()), default=1)
+            budgets = budget_grid(max_count)
+            ar_curves[f"{source.name} ({source.proposals_per_image:.0f}/img)"] = (
+                budgets, ar_vs_proposals(gt, source.proposals, budgets, definition)
+            )
+        where = f"{args.dataset}, {len(dataset_dicts)} images, definition {definition}"
+        paths = [os.path.join(args.output_dir, f"recall_vs_iou{suffix}.png"),
+                 os.path.join(args.output_dir, f"ar_vs_proposals{suffix}.png")]
+        plot_recall_vs_iou(IOU_CURVE_THRESHOLDS, iou_curves, paths[0],
+                           f"Recall at {args.budget} proposals per image ({where})")
+        plot_ar_vs_proposals(ar_curves, paths[1], f"AR vs number of proposals ({where})")
+        print("\n".join(f"[compare_recall] wrote {p}" for p in paths), file=sys.stderr)
+    return csv_rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input (unknown dataset, mismatched proposal file): no traceback
+        raise SystemExit(f"error: {e}")
