@@ -15,7 +15,6 @@ traceback goes to OUTPUT_DIR/log.txt.
 """
 import logging
 import os
-import re
 import sys
 import traceback
 import weakref
@@ -30,18 +29,11 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, add_fpn_rpn_config, register_datasets
-from fpn_rpn.checkpoint import CheckedCheckpointer, CheckpointError
-from fpn_rpn.coco_checks import CheckedDatasetMapper, DataError, check_proposal_file
+from fpn_rpn.checkpoint import CheckedCheckpointer
+from fpn_rpn.coco_checks import CheckedDatasetMapper, check_proposal_files
+from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line
 from fpn_rpn.config_checks import check_component_names
 from fpn_rpn.launch import cpu_ddp_for_trainer, launch
-
-
-class ConfigError(ValueError):
-    """A config value the model cannot be built with."""
-
-
-# faults of the user's inputs or of training, told in one line; other exceptions are bugs
-CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, FloatingPointError)
 
 
 class Trainer(DefaultTrainer):
@@ -93,10 +85,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # the configs target GPUs; this lets the same file run on a CPU-only machine
         cfg.MODEL.DEVICE = "cpu"
-    try:
-        check_component_names(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    check_component_names(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
@@ -111,17 +100,6 @@ def setup(args):
     if cfg.MODEL.LOAD_PROPOSALS:
         check_proposal_files(cfg)
     return cfg
-
-
-def check_proposal_files(cfg):
-    """DataError unless each dataset's proposal file covers all its images (Detectron2: a KeyError)."""
-    for split in ("TRAIN", "TEST"):
-        names, files = cfg.DATASETS.get(split), cfg.DATASETS.get(f"PROPOSAL_FILES_{split}")
-        if len(names) != len(files):
-            raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} files for the "
-                              f"{len(names)} datasets of DATASETS.{split}: give one per dataset")
-        for name, proposal_file in zip(names, files):
-            check_proposal_file(proposal_file, name)
 
 
 def main(args):
@@ -153,24 +131,6 @@ def _run(cfg, args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
-
-
-def error_line(error: BaseException):
-    """
-    The message of a CLEAR_ERRORS exception as one line, or None for other exceptions.
-    DataLoader workers and spawned processes re-raise an exception with its original
-    traceback as the message; the original message is taken from it.
-    """
-    text = str(error)
-    if "Traceback (most recent call last)" in text:
-        # the last "module.SomeError: message" line starts the message of the last exception
-        last = list(re.finditer(r"^(?:\w+\.)*(\w+(?:Error|Exception)): ", text, re.MULTILINE))[-1:]
-        if not last or last[0].group(1) not in {cls.__name__ for cls in CLEAR_ERRORS}:
-            return None
-        text = text[last[0].end():]
-    elif not isinstance(error, CLEAR_ERRORS):
-        return None
-    return " ".join(text.split())
 
 
 def invoke_main():

@@ -25,13 +25,11 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "CheckedCheckpointer"]
 
 _EXAMPLES = 5  # parameter names given in a message
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, in one line naming the file and the fault."""
 
 
 def _first_line(error: BaseException) -> str:

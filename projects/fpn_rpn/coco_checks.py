@@ -40,8 +40,11 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
 
+from .errors import ConfigError, DataError
+
 __all__ = [
     "DataError",
+    "check_proposal_files",
     "read_coco_json",
     "check_coco_json",
     "load_checked_coco_json",
@@ -55,10 +58,6 @@ COCO_KEYS = ("images", "annotations", "categories")
 IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 _EXAMPLES = 5  # record ids named in a message
-
-
-class DataError(ValueError):
-    """A fault in a dataset, in one line naming the file, the record and what is wrong."""
 
 
 def _examples(values) -> str:
@@ -293,3 +292,14 @@ def check_proposal_file(proposal_file, dataset_name: str) -> None:
             f"'{dataset_name}' (image ids {_examples(missing)}); the file has proposals for {len(have)} "
             f"images, {extra} of them not in the dataset: was it made for another dataset?"
         )
+
+
+def check_proposal_files(cfg):
+    """DataError unless each dataset's proposal file covers all its images (Detectron2: a KeyError)."""
+    for split in ("TRAIN", "TEST"):
+        names, files = cfg.DATASETS.get(split), cfg.DATASETS.get(f"PROPOSAL_FILES_{split}")
+        if len(names) != len(files):
+            raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} files for the "
+                              f"{len(names)} datasets of DATASETS.{split}: give one per dataset")
+        for name, proposal_file in zip(names, files):
+            check_proposal_file(proposal_file, name)

@@ -4,8 +4,12 @@ from typing import Dict
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY
+from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
+from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
+
+from .errors import ConfigError
 
 __all__ = ["check_component_names", "check_rpn_config"]
 
@@ -15,23 +19,25 @@ def _registered(registry):
 
 
 def check_component_names(cfg):
-    """Raise ValueError if a component NAME is not registered, listing the registered ones."""
+    """Raise ConfigError if a component NAME is not registered, listing the registered ones."""
     for key, registry, name in (
+        ("MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE),
+        ("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
         ("MODEL.PROPOSAL_GENERATOR.NAME", PROPOSAL_GENERATOR_REGISTRY, cfg.MODEL.PROPOSAL_GENERATOR.NAME),
         ("MODEL.RPN.HEAD_NAME", RPN_HEAD_REGISTRY, cfg.MODEL.RPN.HEAD_NAME),
         ("MODEL.ANCHOR_GENERATOR.NAME", ANCHOR_GENERATOR_REGISTRY, cfg.MODEL.ANCHOR_GENERATOR.NAME),
     ):
         if name not in _registered(registry):
-            raise ValueError(f"{key} = {name!r} is not registered; registered: {_registered(registry)}")
+            raise ConfigError(f"{key} = {name!r} is not registered; registered: {_registered(registry)}")
 
 
 def _check(ok: bool, key: str, value, allowed: str):
     if not ok:
-        raise ValueError(f"{key} = {value!r} is invalid: {allowed}")
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
 
 
 def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
-    """Raise ValueError naming the first ``MODEL.RPN.*`` key with an invalid value."""
+    """Raise ConfigError (a ValueError) naming the first ``MODEL.RPN.*`` key with an invalid value."""
     rpn = cfg.MODEL.RPN
     check_component_names(cfg)
     missing = [f for f in rpn.IN_FEATURES if f not in input_shape]
