@@ -2,26 +2,31 @@
 
 Unlike Detectron2's ``find_top_rpn_proposals``, which loops over images, every step
 here runs once for the whole batch; NMS groups keep images (and, in per-level mode,
-levels) apart, so the kept boxes are the same as image by image. Three things make it
-cheaper than Detectron2's path without changing its result:
+levels) apart, so the kept boxes are the same as image by image. It is cheaper than
+Detectron2's path without changing its result:
 
 - the per-level top-K is a ``topk`` rather than a sort of every score, where the two
   select the same anchors;
 - :func:`top_k_proposals_per_level` decodes only the selected anchors, not all of them;
 - NMS stops once ``post_nms_topk`` boxes of an image are kept (:func:`nms_first_k`):
   greedy NMS never revisits a kept box, so the boxes kept among the best-scoring ones
-  do not depend on the rest.
+  do not depend on the rest;
+- on CPU the NMS groups (images, or image levels) run on torch's threads side by side.
 
 Equal scores are ordered by index (level, then anchor), as a stable sort leaves them,
 so the result does not depend on how a sort or NMS kernel breaks ties.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Tuple
 
 import torch
 from detectron2.layers import batched_nms, cat
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import nms
+
+# Fewer boxes than this are not worth starting threads for.
+_THREADED_NMS_MIN_BOXES = 2000
 
 __all__ = [
     "find_top_proposals",
@@ -138,13 +143,18 @@ def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float) 
     # few boxes, which rounds them differently from an image on its own: one NMS per group
     # on the boxes as they are (Detectron2 runs one per image) gives the same IoUs.
     by_group = groups.sort(stable=True).indices
-    counts = torch.bincount(groups, minlength=1).tolist()
-    kept, start = [], 0
-    for count in counts:
-        if count:
-            idx = by_group[start:start + count]
-            kept.append(idx[nms(boxes[idx], keys[idx], nms_thresh)])
-        start += count
+    group_idx = [idx for idx in by_group.split(torch.bincount(groups).tolist()) if len(idx)]
+
+    def nms_group(idx):
+        return idx[nms(boxes[idx], keys[idx], nms_thresh)]
+
+    # torchvision's CPU NMS is single-threaded and releases the GIL: groups run side by side.
+    workers = min(torch.get_num_threads(), len(group_idx))
+    if workers > 1 and len(boxes) >= _THREADED_NMS_MIN_BOXES:
+        with ThreadPoolExecutor(workers) as pool:
+            kept = list(pool.map(nms_group, group_idx))
+    else:
+        kept = [nms_group(idx) for idx in group_idx]
     return cat(kept).sort().values if kept else groups.new_zeros((0,))
 
 
@@ -169,7 +179,7 @@ def nms_first_k(
     Args:
         boxes: (R, 4), sorted by image, then by priority.
         image_ids: (R,) image of each box; groups: (R,) NMS group (within an image).
-        first_prefix: boxes per image in the first round; 0 chooses 1.25 * k.
+        first_prefix: boxes per image in the first round; 0 chooses 1.1 * k.
 
     Returns:
         indices of the kept boxes, ascending, at most ``k`` per image.
@@ -177,7 +187,7 @@ def nms_first_k(
     counts = torch.bincount(image_ids, minlength=num_images)
     rank = rank_among(image_ids, num_images)
     max_count = int(counts.max()) if len(boxes) else 0
-    prefix = min(max_count, first_prefix or math.ceil(1.25 * k))
+    prefix = min(max_count, first_prefix or math.ceil(1.1 * k))
     done_rank = 0  # boxes with a lower rank have been through NMS
     active = torch.ones(num_images, dtype=torch.bool, device=boxes.device)
     carried = image_ids.new_zeros((0,))  # kept boxes of images still active

@@ -136,16 +136,21 @@ class FPNRPNHead(StandardRPNHead):
     With one 3x3 conv (the default ``MODEL.RPN.CONV_DIMS``) on CPU, training uses a
     backward that computes the gradients only where the losses reach (the sampled
     anchors) instead of over whole feature maps; outputs are unchanged and gradients
-    equal up to float rounding. See :class:`_RPNHeadFunction`.
+    equal up to float rounding. See :class:`_RPNHeadFunction`. ``sparse_backward=False``
+    (``MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD: False``) keeps autograd's dense backward, for
+    training runs that reproduce Detectron2's bit for bit.
     """
 
     @configurable
     def __init__(self, *, in_channels: int, num_anchors: int, box_dim: int = 4,
-                 conv_dims: List[int] = (-1,), objectness: str = "sigmoid"):
+                 conv_dims: List[int] = (-1,), objectness: str = "sigmoid",
+                 sparse_backward: bool = True):
         """
         Args:
             objectness (str): "sigmoid" (one logit per anchor) or "softmax" (two scores
-                per anchor). Others: see :class:`StandardRPNHead`.
+                per anchor).
+            sparse_backward (bool): on CPU, compute the head's gradients only at the
+                locations the losses reach. Others: see :class:`StandardRPNHead`.
         """
         if objectness not in OBJECTNESS_MODES:
             raise ValueError(
@@ -156,6 +161,7 @@ class FPNRPNHead(StandardRPNHead):
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, box_dim=box_dim,
                          conv_dims=conv_dims)
         self.objectness = objectness
+        self.sparse_backward = sparse_backward
         if objectness == "softmax":
             hidden = self.objectness_logits.in_channels
             self.objectness_logits = nn.Conv2d(hidden, 2 * num_anchors, kernel_size=1)
@@ -166,6 +172,7 @@ class FPNRPNHead(StandardRPNHead):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["objectness"] = cfg.MODEL.FPN_RPN.OBJECTNESS
+        ret["sparse_backward"] = cfg.MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD
         return ret
 
     def _is_single_conv(self) -> bool:
@@ -187,7 +194,7 @@ class FPNRPNHead(StandardRPNHead):
                   self.anchor_deltas.weight, self.anchor_deltas.bias)
         if not torch.is_grad_enabled():
             return _head_forward(x, *params)[1:]
-        if x.device.type == "cpu":
+        if self.sparse_backward and x.device.type == "cpu":
             return _RPNHeadFunction.apply(x, *params)
         # On GPUs the dense backward is fast, and the sparse one would need a host-device sync.
         t = self.conv(x)
