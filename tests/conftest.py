@@ -15,3 +15,16 @@ def pytest_configure(config):
 def coco_mini() -> Path:
     """The shared COCO subset (158 val, 160 train images), next to the repository."""
     return REPO.parent / "shared" / "data" / "coco_mini"
+
+
+@pytest.fixture
+def catalogs():
+    """Undo the test's dataset registrations in Detectron2's global catalogs."""
+    import fpn_rpn  # noqa: F401  # before detectron2
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    saved = dict(DatasetCatalog), dict(MetadataCatalog)
+    yield
+    for catalog, entries in zip((DatasetCatalog, MetadataCatalog), saved):
+        catalog.clear()
+        catalog.update(entries)

@@ -14,7 +14,6 @@ import shutil
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -72,16 +71,6 @@ def _raises(match, fn, *args):
         fn(*args)
     assert "\n" not in str(info.value)
     return str(info.value)
-
-
-@pytest.fixture
-def catalogs():
-    """Undo the test's dataset registrations."""
-    saved = dict(DatasetCatalog), dict(MetadataCatalog)
-    yield
-    for catalog, entries in zip((DatasetCatalog, MetadataCatalog), saved):
-        catalog.clear()
-        catalog.update(entries)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from conftest import REPO
@@ -212,16 +211,6 @@ def _tiny_dataset(coco_mini, folder):
 @pytest.fixture
 def tiny_dataset(coco_mini, tmp_path):
     return _tiny_dataset(coco_mini, tmp_path)
-
-
-@pytest.fixture
-def catalogs():
-    """Undo the test's dataset registrations."""
-    saved = dict(DatasetCatalog), dict(MetadataCatalog)
-    yield
-    for catalog, entries in zip((DatasetCatalog, MetadataCatalog), saved):
-        catalog.clear()
-        catalog.update(entries)
 
 
 def _proposal_file(path, ids):
