@@ -26,8 +26,9 @@ from fpn_rpn.proposal_sources import get_dataset_dicts, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
-# 128x128 images resized to 64x64 for the network: scale 0.5
-HALF = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64]
+# 128x128 images resized to 64x64 for the network: scale 0.5; COCO's anchor sizes
+HALF = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
+        "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]]
 
 
 def _record(boxes, crowd=()):

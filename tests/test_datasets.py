@@ -94,7 +94,8 @@ def test_register_datasets_coco_mini(coco_mini, monkeypatch, tmp_path):
     register_datasets(_cfg())
     assert len(DatasetCatalog.get("coco_mini_train")) == 160
     assert len(DatasetCatalog.get("coco_mini_val")) == 158
-    assert MetadataCatalog.get("coco_mini_val").json_file == str(coco_mini / "annotations" / "instances_val2017.json")
+    registered = Path(MetadataCatalog.get("coco_mini_val").json_file)
+    assert registered.resolve() == (coco_mini / "annotations" / "instances_val2017.json").resolve()
 
 
 def test_synthetic_root(monkeypatch, tmp_path):
