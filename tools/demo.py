@@ -32,7 +32,9 @@ def train_and_evaluate(name: str, config: Path, output_dir: Path, extra_opts) ->
            "--resume", "OUTPUT_DIR", str(output_dir), *extra_opts]
     print(f"\n=== {name}: training, log in {output_dir / 'log.txt'}", flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        # train_net.py has printed the reason (one line for bad data, configs or checkpoints)
+        sys.exit(f"demo: training {name} failed; see above and {output_dir / 'log.txt'}")
     print(f"=== {name}: done in {time.time() - start:.0f} s", flush=True)
     evaluations = [
         json.loads(line)
