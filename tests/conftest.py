@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,30 @@ def catalogs():
     for catalog, entries in zip((DatasetCatalog, MetadataCatalog), saved):
         catalog.clear()
         catalog.update(entries)
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def coco_dict(images, annotations, categories=(1,)):
+    """A COCO-format dict of 100x100 images; annotations as (image_id, xyxy, area, iscrowd, category_id)."""
+    return {
+        "images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in images],
+        "annotations": [
+            {
+                "id": n + 1,
+                "image_id": img,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": area,
+                "iscrowd": crowd,
+                "category_id": cat,
+            }
+            for n, (img, (x1, y1, x2, y2), area, crowd, cat) in enumerate(annotations)
+        ],
+        "categories": [{"id": c, "name": str(c)} for c in categories],
+    }

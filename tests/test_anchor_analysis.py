@@ -1,5 +1,4 @@
 import contextlib
-import importlib.util
 import io
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fpn_rpn.anchor_analysis import (
     with_anchor_params,
 )
 from fpn_rpn.proposal_sources import get_dataset_dicts, load_config
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
@@ -128,9 +128,7 @@ def test_config_lines_merge_into_a_config():
 def test_tool_writes_report(coco_mini, tmp_path):
     if not (coco_mini / "annotations" / "instances_val2017.json").is_file():
         pytest.skip("coco_mini not found")
-    spec = importlib.util.spec_from_file_location("analyze_anchors", REPO / "tools" / "analyze_anchors.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("analyze_anchors")
     with contextlib.redirect_stdout(io.StringIO()) as out:
         matches, suggested = tool.main(
             ["--config", DEMO_CONFIG, "--dataset", "coco_mini_val", "--max-images", "3", "--output-dir", str(tmp_path)]

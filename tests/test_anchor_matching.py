@@ -5,7 +5,6 @@ import fpn_rpn  # noqa: F401  # before detectron2
 
 import pytest
 import torch
-import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator

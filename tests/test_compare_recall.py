@@ -1,6 +1,5 @@
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -9,7 +8,6 @@ import pickle
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,17 +36,11 @@ from fpn_rpn.proposal_sources import (
     selective_search,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_tool
+
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
 # small test inputs keep R-18 inference near a second per image on CPU
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 192]
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _colours(path) -> int:
@@ -111,7 +103,7 @@ def test_table_equals_evaluate_recall(val_json, val_dicts, tmp_path):
     _write_proposal_file(file_b, _jittered_proposals(coco, img_ids, seed=1))
     budgets, area_budgets = [1, 5, 20], [5, 20]
 
-    tool = _load_tool("compare_recall")
+    tool = load_tool("compare_recall")
     with contextlib.redirect_stdout(io.StringIO()) as out:
         tool.main([
             "--dataset", "coco_mini_val", "--max-images", "6", "--output-dir", str(tmp_path / "out"),

@@ -31,26 +31,28 @@ def test_incomplete_detectron2_gets_the_placeholder():
         detectron2._C.nms_rotated  # an op the placeholder cannot provide fails by name
 
 
-def test_apply_does_nothing_for_a_complete_detectron2(monkeypatch):
-    monkeypatch.setattr(compat, "is_complete_detectron2", lambda: True)
+@pytest.fixture
+def unpatched(monkeypatch):
+    """The process as before compat.apply(), restored afterwards."""
     monkeypatch.setattr(compat, "_applied", False)
     monkeypatch.delitem(sys.modules, "detectron2._C", raising=False)
     monkeypatch.delattr(detectron2, "_C", raising=False)
     monkeypatch.delattr(np, "int", raising=False)
     monkeypatch.delattr(Image, "LINEAR", raising=False)
+    return monkeypatch
+
+
+def test_apply_does_nothing_for_a_complete_detectron2(unpatched):
+    unpatched.setattr(compat, "is_complete_detectron2", lambda: True)
     compat.apply()
     assert "detectron2._C" not in sys.modules and not hasattr(detectron2, "_C")
     assert not hasattr(np, "int") and not hasattr(Image, "LINEAR")
     assert compat._applied is False
 
 
-def test_apply_installs_the_placeholder_for_an_incomplete_detectron2(monkeypatch):
+def test_apply_installs_the_placeholder_for_an_incomplete_detectron2(unpatched):
     # the converse of the test above, so that it cannot pass with an apply() that never patches
-    monkeypatch.setattr(compat, "is_complete_detectron2", lambda: False)
-    monkeypatch.setattr(compat, "_applied", False)
-    monkeypatch.delitem(sys.modules, "detectron2._C", raising=False)
-    monkeypatch.delattr(detectron2, "_C", raising=False)
-    monkeypatch.delattr(np, "int", raising=False)
+    unpatched.setattr(compat, "is_complete_detectron2", lambda: False)
     compat.apply()
     assert sys.modules["detectron2._C"]._fpn_rpn_placeholder is True
     assert detectron2._C is sys.modules["detectron2._C"]

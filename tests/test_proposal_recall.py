@@ -22,27 +22,15 @@ from fpn_rpn.proposal_recall import (
     recall_curves,
 )
 
+from conftest import coco_dict
+
 BUDGETS = [10, 20, 50, 100, 300, 1000]
 AREAS = list(COCO_AREAS)  # the four area names both originals know
 
 
 def _coco(images, annotations):
     """An in-memory pycocotools COCO; annotations as (image_id, xyxy, area, iscrowd, category_id)."""
-    dataset = {
-        "images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in images],
-        "annotations": [
-            {
-                "id": n + 1,
-                "image_id": img,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": area,
-                "iscrowd": crowd,
-                "category_id": cat,
-            }
-            for n, (img, (x1, y1, x2, y2), area, crowd, cat) in enumerate(annotations)
-        ],
-        "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}],
-    }
+    dataset = coco_dict(images, annotations, categories=(1, 2))
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = dataset

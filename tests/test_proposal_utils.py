@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import pairwise_iou
 
 from fpn_rpn.proposal_utils import find_top_proposals
 

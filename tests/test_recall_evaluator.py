@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from fpn_rpn import add_fpn_rpn_config
 from fpn_rpn.proposal_recall import evaluate_recall, gt_from_coco
 from fpn_rpn.recall_evaluator import ProposalRecallEvaluator
+from conftest import coco_dict
 
 # The hand-checked case of test_proposal_recall.py: image 1 has gts A = x[0,10],
 # B = x[4,14] (y 0..10) and a crowd box; image 2 has a medium gt C and no proposals.
@@ -49,21 +50,7 @@ EXPECTED = {
 
 
 def _coco_json(path):
-    dataset = {
-        "images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in (1, 2)],
-        "annotations": [
-            {
-                "id": n + 1,
-                "image_id": img,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": area,
-                "iscrowd": crowd,
-                "category_id": 1,
-            }
-            for n, (img, (x1, y1, x2, y2), area, crowd) in enumerate(GTS)
-        ],
-        "categories": [{"id": 1, "name": "one"}],
-    }
+    dataset = coco_dict((1, 2), [(img, box, area, crowd, 1) for img, box, area, crowd in GTS])
     path.write_text(json.dumps(dataset))
     return str(path)
 

@@ -3,13 +3,12 @@ allowed values (tests/test_configs.py and test_anchor_generator.py check the sam
 the components alone); tools/train_net.py reports them as ConfigError."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
-import importlib.util
 
 import pytest
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config
 
 CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
@@ -89,10 +88,7 @@ def test_good_config_builds():
 
 @pytest.fixture(scope="module")
 def train_net():
-    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_net")
 
 
 def test_train_net_reports_bad_values_as_config_error(train_net):

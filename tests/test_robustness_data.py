@@ -4,7 +4,6 @@ the record and the fault (fpn_rpn.coco_checks)."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
 from fpn_rpn.coco_checks import CheckedDatasetMapper, DataError, load_checked_coco_json
 
@@ -375,19 +374,12 @@ def test_unreadable_image_names_file_and_image_id(image_root, tmp_path, kind, er
                 CheckedDatasetMapper(_cfg(), is_train=is_train), record)
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_unreadable_image_in_a_dataloader_worker(image_root, tmp_path, catalogs):
     # a worker process re-raises the DataError with its traceback as the message;
     # train_net reports the original line
     path = _corrupt(image_root, "not an image")
     register_coco_json("bad_worker", _write(tmp_path / "ann.json"), image_root)
-    train_net = _load_train_net()
+    train_net = load_tool("train_net")
     cfg = _cfg()
     cfg.DATALOADER.NUM_WORKERS = 1
     with pytest.raises(DataError) as info:

@@ -5,7 +5,6 @@ its history; a proposal file for other images is named. tools/train_net.py is ru
 run it, in a subprocess, on a tiny config."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
-import importlib.util
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
 from fpn_rpn.checkpoint import CheckedCheckpointer, CheckpointError
 from fpn_rpn.coco_checks import DataError, check_proposal_file
@@ -234,15 +233,8 @@ def test_proposal_file_for_other_images(tiny_dataset, tmp_path, catalogs):
     check_proposal_file(_proposal_file(path, VAL_IDS), "rb_proposals")  # every image has proposals: no error
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_net_checks_proposal_files_at_setup(tiny_dataset, tmp_path, catalogs):
-    train_net = _load_train_net()
+    train_net = load_tool("train_net")
     path = _proposal_file(tmp_path / "box_proposals.pkl", [802, 10764, 123])
 
     def setup(train_files, test_files):

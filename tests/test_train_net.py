@@ -1,7 +1,6 @@
 """tools/train_net.py end to end on a few coco_mini images: training lowers the RPN losses,
 --eval-only equals Detectron2's COCOEvaluator, --resume continues at the checkpoint's
 iteration, and a 2-process CPU run trains on both ranks and gathers its evaluation."""
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 TRAIN_NET = REPO / "tools" / "train_net.py"
 CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
@@ -71,13 +70,6 @@ def trained(opts, tmp_path_factory):
     return output_dir
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_lowers_rpn_losses(trained):
     losses = [m for m in _metrics(trained) if "loss_rpn_cls" in m]
     assert [m["iteration"] for m in losses] == [19, MAX_ITER - 1]  # Detectron2 writes every 20 and at the end
@@ -88,7 +80,7 @@ def test_training_lowers_rpn_losses(trained):
 
 
 def test_eval_only_equals_coco_evaluator(trained, opts, tmp_path):
-    train_net = _load_train_net()
+    train_net = load_tool("train_net")
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(CONFIG), "--eval-only"]
         + opts + ["MODEL.WEIGHTS", str(trained / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)]
@@ -138,7 +130,7 @@ def test_two_cpu_processes_train_and_gather_evaluation(opts, tmp_path):
     gathered = [m for m in _metrics(output_dir) if "recall_d2/AR@100" in m][-1]
 
     # The same model evaluated by one process sees every image, as the gathered one must.
-    train_net = _load_train_net()
+    train_net = load_tool("train_net")
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(CONFIG), "--eval-only"]
         + opts + ["MODEL.WEIGHTS", str(output_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "single")]

@@ -1,5 +1,4 @@
 import contextlib
-import importlib.util
 import io
 import pickle
 from pathlib import Path
@@ -14,8 +13,8 @@ from PIL import Image
 from fpn_rpn.plots import plot_ar_vs_proposals, plot_recall_vs_iou
 from fpn_rpn.proposal_drawing import GT_COLOUR, LEVEL_COLOURS, anchor_size_levels, draw_proposals, fpn_levels
 from fpn_rpn.proposal_sources import get_dataset_dicts
+from conftest import REPO, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
 
 
@@ -26,13 +25,6 @@ def _square(side):
 def _colours(path) -> int:
     with Image.open(path) as image:
         return len(image.convert("RGB").getcolors(maxcolors=1 << 24))
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_fpn_levels():
@@ -98,7 +90,7 @@ def test_tool_from_proposal_file(val_dicts, tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"ids": ids, "boxes": boxes, "objectness_logits": logits, "bbox_mode": 0}, f)
     with contextlib.redirect_stdout(io.StringIO()):
-        _load_tool("visualize_proposals").main(
+        load_tool("visualize_proposals").main(
             ["--dataset", "coco_mini_val", "--num-images", "2", "--proposals", str(path),
              "--output-dir", str(tmp_path / "vis"), "--top", "5", "--config", DEMO_CONFIG, "--level-rule", "anchor"]
         )
@@ -112,7 +104,7 @@ def test_tool_from_proposal_file(val_dicts, tmp_path):
 
 def test_tool_from_model(val_dicts, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
-        _load_tool("visualize_proposals").main(
+        load_tool("visualize_proposals").main(
             ["--dataset", "coco_mini_val", "--num-images", "1", "--model", DEMO_CONFIG,
              "--output-dir", str(tmp_path), "--opts", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
         )

@@ -31,7 +31,7 @@ from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, add_fpn_rpn_config, register_datasets
 from fpn_rpn.checkpoint import CheckedCheckpointer
 from fpn_rpn.coco_checks import CheckedDatasetMapper, check_proposal_files
-from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line
+from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line  # noqa: F401  (ConfigError: re-exported)
 from fpn_rpn.config_checks import check_component_names
 from fpn_rpn.launch import cpu_ddp_for_trainer, launch
 
@@ -55,13 +55,6 @@ class Trainer(DefaultTrainer):
             if "iteration" in str(e):  # Detectron2's loss check names it
                 raise
             raise FloatingPointError(f"{e} (iteration {self.iter})") from e
-
-    @classmethod
-    def build_model(cls, cfg):
-        try:
-            return super().build_model(cfg)
-        except ValueError as e:  # the components' config checks
-            raise ConfigError(str(e)) from e
 
     @classmethod
     def build_train_loader(cls, cfg):

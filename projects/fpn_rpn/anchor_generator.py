@@ -10,19 +10,21 @@ from detectron2.modeling.anchor_generator import (
     DefaultAnchorGenerator,
 )
 
+from .errors import ConfigError
+
 __all__ = ["FPNAnchorGenerator", "validate_anchor_params"]
 
 
 def _per_level(values, num_levels: int, key: str) -> List[List[float]]:
     """Broadcast one list to all levels, as Detectron2 does, or check one list per level."""
     if not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{key} must be a non-empty list, got {values!r}")
+        raise ConfigError(f"{key} must be a non-empty list, got {values!r}")
     if not isinstance(values[0], Sequence):
         values = [values]
     if len(values) == 1:
         values = list(values) * num_levels
     if len(values) != num_levels:
-        raise ValueError(
+        raise ConfigError(
             f"{key} has {len(values)} lists but there are {num_levels} feature levels "
             f"(MODEL.RPN.IN_FEATURES): give one list per level, or one list for all levels"
         )
@@ -31,20 +33,20 @@ def _per_level(values, num_levels: int, key: str) -> List[List[float]]:
 
 def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
                            sizes_key: str = "sizes", ratios_key: str = "ratios"):
-    """Return (sizes, ratios) as one list per level; raise ValueError naming the bad key."""
+    """Return (sizes, ratios) as one list per level; raise ConfigError (a ValueError) naming the bad key."""
     sizes = _per_level(sizes, num_levels, sizes_key)
     ratios = _per_level(ratios, num_levels, ratios_key)
     for key, per_level in ((sizes_key, sizes), (ratios_key, ratios)):
         for level, values in enumerate(per_level):
             if len(values) == 0:
-                raise ValueError(f"{key}[{level}] is empty: each level needs at least one value")
+                raise ConfigError(f"{key}[{level}] is empty: each level needs at least one value")
             bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
             if bad:
-                raise ValueError(f"{key}[{level}] = {values}: values must be positive numbers, got {bad}")
+                raise ConfigError(f"{key}[{level}] = {values}: values must be positive numbers, got {bad}")
     if not 0.0 <= offset < 1.0:
-        raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
+        raise ConfigError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
     if len(set(len(s) * len(r) for s, r in zip(sizes, ratios))) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"{sizes_key} x {ratios_key} must give the same number of anchors on every level "
             "(the RPN head is shared across levels)"
         )

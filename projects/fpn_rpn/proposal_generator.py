@@ -12,6 +12,7 @@ from fvcore.nn import giou_loss, smooth_l1_loss
 
 from .anchor_matching import match_and_sample
 from .config_checks import check_rpn_config
+from .errors import ConfigError
 from .proposal_utils import select_proposals, top_k_proposals_per_level
 
 __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
@@ -56,17 +57,17 @@ class FPNRPN(RPN):
             Others: see :class:`RPN`.
         """
         if nms_mode not in NMS_MODES:
-            raise ValueError(f"MODEL.FPN_RPN.NMS_MODE must be one of {NMS_MODES}, got {nms_mode!r}")
+            raise ConfigError(f"MODEL.FPN_RPN.NMS_MODE must be one of {NMS_MODES}, got {nms_mode!r}")
         if not 0.0 <= score_thresh < 1.0:
-            raise ValueError(f"MODEL.FPN_RPN.SCORE_THRESH_TEST must be in [0, 1), got {score_thresh}")
+            raise ConfigError(f"MODEL.FPN_RPN.SCORE_THRESH_TEST must be in [0, 1), got {score_thresh}")
         for key, value in (("CLS", cls_loss_normalizer), ("LOC", loc_loss_normalizer)):
             if value not in LOSS_NORMALIZERS:
-                raise ValueError(
+                raise ConfigError(
                     f"MODEL.FPN_RPN.{key}_LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, got {value!r}"
                 )
         box_reg_loss_type = kwargs.get("box_reg_loss_type", "smooth_l1")
         if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, got {box_reg_loss_type!r}"
             )
         if box_reg_loss_type == "l1":

@@ -7,6 +7,8 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
+from .errors import ConfigError
+
 __all__ = ["FPNRPNHead", "OBJECTNESS_MODES"]
 
 OBJECTNESS_MODES = ("sigmoid", "softmax")
@@ -153,11 +155,11 @@ class FPNRPNHead(StandardRPNHead):
                 locations the losses reach. Others: see :class:`StandardRPNHead`.
         """
         if objectness not in OBJECTNESS_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.FPN_RPN.OBJECTNESS must be one of {OBJECTNESS_MODES}, got {objectness!r}"
             )
         if len(conv_dims) == 0:
-            raise ValueError("MODEL.RPN.CONV_DIMS is empty: give at least one conv width (-1 = input width)")
+            raise ConfigError("MODEL.RPN.CONV_DIMS is empty: give at least one conv width (-1 = input width)")
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, box_dim=box_dim,
                          conv_dims=conv_dims)
         self.objectness = objectness
