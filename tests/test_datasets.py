@@ -7,8 +7,9 @@ import fpn_rpn  # noqa: F401  (must precede detectron2)
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from fpn_rpn import add_fpn_rpn_config, synthetic_data
-from fpn_rpn.datasets import register_coco_json, register_datasets, synthetic_root
+from fpn_rpn import add_fpn_rpn_config
+from fpn_rpn.data import synthetic_data
+from fpn_rpn.data.datasets import register_coco_json, register_datasets, synthetic_root
 
 PROJECT_NAMES = ["coco_mini_train", "coco_mini_val", "fpn_rpn_synthetic_train", "fpn_rpn_synthetic_val"]
 

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fpn_rpn.proposal_recall import (
+from fpn_rpn.evaluation.proposal_recall import (
     COCO_AREAS,
     evaluate_recall,
     format_recall_table,

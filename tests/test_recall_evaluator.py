@@ -22,8 +22,8 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 
 from fpn_rpn import add_fpn_rpn_config
-from fpn_rpn.proposal_recall import evaluate_recall, gt_from_coco
-from fpn_rpn.recall_evaluator import ProposalRecallEvaluator
+from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco
+from fpn_rpn.evaluation.recall_evaluator import ProposalRecallEvaluator
 from conftest import coco_dict
 
 # The hand-checked case of test_proposal_recall.py: image 1 has gts A = x[0,10],

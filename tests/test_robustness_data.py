@@ -1,6 +1,6 @@
 """Bad data as users bring it (a COCO json + an image folder): each case either loads and
 trains correctly (said so in the test) or stops with one DataError line naming the file,
-the record and the fault (fpn_rpn.coco_checks)."""
+the record and the fault (fpn_rpn.data.coco_checks)."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
 import copy
@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
-from fpn_rpn.coco_checks import CheckedDatasetMapper, DataError, load_checked_coco_json
+from fpn_rpn.data.coco_checks import CheckedDatasetMapper, DataError, load_checked_coco_json
 
 CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
 # three coco_mini val images: id -> (file, width, height)
@@ -74,11 +74,11 @@ def _raises(match, fn, *args):
 
 @pytest.fixture
 def warnings_seen():
-    """Warnings of fpn_rpn.coco_checks, whatever handlers an earlier test left on 'fpn_rpn'."""
+    """Warnings of fpn_rpn.data.coco_checks, whatever handlers an earlier test left on 'fpn_rpn'."""
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    logger = logging.getLogger("fpn_rpn.coco_checks")
+    logger = logging.getLogger("fpn_rpn.data.coco_checks")
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)

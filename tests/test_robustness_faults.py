@@ -1,5 +1,5 @@
 """Faults: bad checkpoint files stop with one CheckpointError line instead of a silent random
-initialisation (fpn_rpn.checkpoint); diverged training stops naming the iteration and keeps
+initialisation (fpn_rpn.engine.checkpoint); diverged training stops naming the iteration and keeps
 the last good checkpoint; a run killed with SIGKILL resumes from its last checkpoint with
 its history; a proposal file for other images is named. tools/train_net.py is run as users
 run it, in a subprocess, on a tiny config."""
@@ -23,8 +23,8 @@ from detectron2.modeling import build_model
 
 from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
-from fpn_rpn.checkpoint import CheckedCheckpointer, CheckpointError
-from fpn_rpn.coco_checks import DataError, check_proposal_file
+from fpn_rpn.engine.checkpoint import CheckedCheckpointer, CheckpointError
+from fpn_rpn.data.coco_checks import DataError, check_proposal_file
 
 CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
 TRAIN_NET = REPO / "tools" / "train_net.py"

@@ -11,8 +11,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from pycocotools.coco import COCO
 
-from fpn_rpn import synthetic_data
-from fpn_rpn.synthetic_data import generate_synthetic_dataset, render_image
+from fpn_rpn.data import synthetic_data
+from fpn_rpn.data.synthetic_data import generate_synthetic_dataset, render_image
 
 # Images 0 and 20 of each split are the empty ones (EMPTY_EVERY == 20).
 NUM_TRAIN, NUM_VAL = 24, 8

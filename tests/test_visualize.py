@@ -10,9 +10,9 @@ import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from fpn_rpn.plots import plot_ar_vs_proposals, plot_recall_vs_iou
-from fpn_rpn.proposal_drawing import GT_COLOUR, LEVEL_COLOURS, anchor_size_levels, draw_proposals, fpn_levels
-from fpn_rpn.proposal_sources import get_dataset_dicts
+from fpn_rpn.analysis.plots import plot_ar_vs_proposals, plot_recall_vs_iou
+from fpn_rpn.analysis.proposal_drawing import GT_COLOUR, LEVEL_COLOURS, anchor_size_levels, draw_proposals, fpn_levels
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
 from conftest import REPO, load_tool
 
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")

@@ -11,7 +11,7 @@ anchor and that anchor's level; the share of gts with an anchor at IoU >= 0.5 an
 >= 0.7 per COCO size bucket (box area in the original image); a histogram
 (anchor_coverage.png) and per-gt CSV (anchor_coverage.csv); then suggested
 MODEL.ANCHOR_GENERATOR.SIZES and ratios (greedy search on this dataset, see
-fpn_rpn.anchor_analysis) as YAML lines, with the coverage they give. Suggest on a
+fpn_rpn.analysis.anchor_analysis) as YAML lines, with the coverage they give. Suggest on a
 training split and check on another (--check-dataset).
 """
 import argparse
@@ -21,7 +21,7 @@ import os
 from tabulate import tabulate
 
 import fpn_rpn  # noqa: F401  (before detectron2)
-from fpn_rpn.anchor_analysis import (
+from fpn_rpn.analysis.anchor_analysis import (
     AnchorGrid,
     anchor_config_lines,
     anchor_params,
@@ -31,8 +31,8 @@ from fpn_rpn.anchor_analysis import (
     suggest_anchors,
     with_anchor_params,
 )
-from fpn_rpn.plots import plot_anchor_coverage
-from fpn_rpn.proposal_sources import get_dataset_dicts, load_config
+from fpn_rpn.analysis.plots import plot_anchor_coverage
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config
 
 
 def parse_args(argv=None):

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fpn_rpn.proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table
+from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table
 
 IMAGE_W, IMAGE_H = 640, 480
 

@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 import fpn_rpn  # noqa: F401  (before detectron2)
-from fpn_rpn.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
-from fpn_rpn.proposal_sources import (
+from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
+from fpn_rpn.analysis.proposal_sources import (
     SourceProposals,
     anchor_proposals,
     cache_key,
@@ -40,8 +40,8 @@ from fpn_rpn.proposal_sources import (
     run_model,
     selective_search,
 )
-from fpn_rpn.plots import plot_ar_vs_proposals, plot_recall_vs_iou
-from fpn_rpn.recall_comparison import (
+from fpn_rpn.analysis.plots import plot_ar_vs_proposals, plot_recall_vs_iou
+from fpn_rpn.analysis.recall_comparison import (
     DEFINITION_NAMES,
     ar_vs_proposals,
     budget_grid,
@@ -84,7 +84,7 @@ def parse_args(argv=None):
         help="budgets of the small/medium/large columns")
     add("--budget", type=int, default=100, help="proposals per image of the recall-vs-IoU plot")
     add("--definition", choices=["d2", "coco", "both"], default="d2",
-        help="recall definition of the table and plots (see fpn_rpn.proposal_recall)")
+        help="recall definition of the table and plots (see fpn_rpn.evaluation.proposal_recall)")
     add("--ss-max-side", type=int, default=None,
         help="shrink images to this longer side before Selective Search (faster, lower recall)")
     add("--seed", type=int, default=0, help="seed of Selective Search's and the anchors' ranking")

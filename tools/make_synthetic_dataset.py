@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """
-Generate the embedded synthetic dataset (see fpn_rpn.synthetic_data) ahead of training.
+Generate the embedded synthetic dataset (see fpn_rpn.data.synthetic_data) ahead of training.
 
     python tools/make_synthetic_dataset.py                      # the default, as training would
     python tools/make_synthetic_dataset.py --root /tmp/shapes --num-train 50 --num-val 10
@@ -10,9 +10,9 @@ the files printed here.
 """
 import argparse
 
-import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.datasets imports)
-from fpn_rpn import synthetic_data
-from fpn_rpn.datasets import synthetic_root
+import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.data.datasets imports)
+from fpn_rpn.data import synthetic_data
+from fpn_rpn.data.datasets import synthetic_root
 
 
 def main():

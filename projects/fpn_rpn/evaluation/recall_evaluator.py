@@ -26,7 +26,7 @@ __all__ = ["ProposalRecallEvaluator", "load_coco_ground_truth"]
 class ProposalRecallEvaluator(DatasetEvaluator):
     """
     Class-agnostic AR of proposals at several budgets, IoU 0.50:0.05:0.95, areas
-    all/small/medium/large, under both definitions of :mod:`fpn_rpn.proposal_recall`:
+    all/small/medium/large, under both definitions of :mod:`fpn_rpn.evaluation.proposal_recall`:
     "d2" (Detectron2's COCOEvaluator, which skips images without proposals) and
     "coco" (COCOeval with ``useCats = 0``). Results are fractions, grouped as
     ``{"recall_d2": {"AR@100": ..., "AR_s@100": ...}, "recall_coco": {...}}``;

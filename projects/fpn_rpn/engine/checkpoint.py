@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["CheckpointError", "CheckedCheckpointer"]
 
@@ -44,7 +44,7 @@ def _examples(names) -> str:
 
 class CheckedCheckpointer(DetectionCheckpointer):
     """
-    :class:`DetectionCheckpointer` with the checks of :mod:`fpn_rpn.checkpoint`.
+    :class:`DetectionCheckpointer` with the checks of :mod:`fpn_rpn.engine.checkpoint`.
     """
 
     def __init__(self, model, save_dir: str = "", *, require_all: bool = False, save_to_disk=None,

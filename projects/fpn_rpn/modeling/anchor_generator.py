@@ -10,7 +10,7 @@ from detectron2.modeling.anchor_generator import (
     DefaultAnchorGenerator,
 )
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FPNAnchorGenerator", "validate_anchor_params"]
 

@@ -40,7 +40,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 __all__ = [
     "DataError",

@@ -1,6 +1,6 @@
 """One recall table and two recall curves for several proposal sources on one dataset.
 
-All numbers come from :mod:`fpn_rpn.proposal_recall` (``evaluate_recall`` for the table,
+All numbers come from :mod:`fpn_rpn.evaluation.proposal_recall` (``evaluate_recall`` for the table,
 ``recall_curves`` for the curves), under one named definition at a time.
 """
 import csv
@@ -10,9 +10,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 from tabulate import tabulate
 
-from .proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
+from ..evaluation.proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
 from .proposal_sources import SourceProposals
-from .recall_evaluator import load_coco_ground_truth
+from ..evaluation.recall_evaluator import load_coco_ground_truth
 
 __all__ = [
     "DEFINITION_NAMES",

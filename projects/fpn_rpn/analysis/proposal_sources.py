@@ -2,7 +2,7 @@
 
 Every source gives :class:`SourceProposals`: per image id, boxes (N, 4) float32 XYXY in
 original image coordinates and scores (N,) float32, higher first (any order; the recall
-functions sort), the form :func:`fpn_rpn.proposal_recall.evaluate_recall` takes.
+functions sort), the form :func:`fpn_rpn.evaluation.proposal_recall.evaluate_recall` takes.
 
 - :func:`run_model`: a trained model (config + weights) over the images.
 - :func:`load_proposal_file`: a Detectron2 proposal file (``box_proposals.pkl``).
@@ -38,8 +38,8 @@ from detectron2.utils.file_io import PathManager
 from tqdm import tqdm
 
 from .anchor_analysis import AnchorGrid, input_size_at_test
-from .config import add_fpn_rpn_config
-from .datasets import register_datasets
+from ..config import add_fpn_rpn_config
+from ..data.datasets import register_datasets
 
 __all__ = [
     "SourceProposals",

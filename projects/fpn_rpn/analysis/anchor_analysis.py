@@ -24,7 +24,7 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_anchor_generator, build_backbone
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-from .anchor_generator import validate_anchor_params
+from ..modeling.anchor_generator import validate_anchor_params
 
 __all__ = [
     "AnchorGrid",

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FPNRPNHead", "OBJECTNESS_MODES"]
 

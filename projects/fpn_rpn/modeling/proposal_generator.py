@@ -12,8 +12,8 @@ from fvcore.nn import giou_loss, smooth_l1_loss
 
 from .anchor_matching import match_and_sample
 from .config_checks import check_rpn_config
-from .errors import ConfigError
-from .proposal_utils import select_proposals, top_k_proposals_per_level
+from ..errors import ConfigError
+from .proposal_selection import select_proposals, top_k_proposals_per_level
 
 __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
 

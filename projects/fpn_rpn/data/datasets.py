@@ -8,7 +8,7 @@ a config, the project's own names:
   ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``; registered
   only where those exist.
 - ``fpn_rpn_synthetic_train``, ``fpn_rpn_synthetic_val``: the embedded dataset of
-  :mod:`fpn_rpn.synthetic_data` in ``$FPN_RPN_DATASETS/fpn_rpn_synthetic`` (default
+  :mod:`fpn_rpn.data.synthetic_data` in ``$FPN_RPN_DATASETS/fpn_rpn_synthetic`` (default
   ``<repository>/datasets/fpn_rpn_synthetic``), generated on first use.
 
 Detectron2's built-in names (``coco_2017_train``, ...) are Detectron2's, found under
@@ -25,8 +25,8 @@ from .coco_checks import DataError, load_checked_coco_json
 
 __all__ = ["register_coco_json", "register_datasets"]
 
-# projects/fpn_rpn/datasets.py -> the repository, when installed editable
-_REPO = Path(__file__).resolve().parents[2]
+# projects/fpn_rpn/data/datasets.py -> the repository, when installed editable
+_REPO = Path(__file__).resolve().parents[3]
 COCO_MINI_SPLITS = {
     "coco_mini_train": ("annotations/instances_train2017.json", "train2017"),
     "coco_mini_val": ("annotations/instances_val2017.json", "val2017"),
@@ -47,7 +47,7 @@ def register_coco_json(name: str, json_file, image_root) -> None:
     """
     Register a COCO-format dataset under ``name``, as Detectron2's
     ``register_coco_instances`` does, but loaded with
-    :func:`fpn_rpn.coco_checks.load_checked_coco_json`: the file is checked when the
+    :func:`fpn_rpn.data.coco_checks.load_checked_coco_json`: the file is checked when the
     dataset is first loaded, and bad records stop it with a DataError or are repaired
     with a warning.
 

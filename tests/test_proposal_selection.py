@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.structures import pairwise_iou
 
-from fpn_rpn.proposal_utils import find_top_proposals
+from fpn_rpn.modeling.proposal_selection import find_top_proposals
 
 NMS_THRESH = 0.7
 

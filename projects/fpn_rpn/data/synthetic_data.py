@@ -98,7 +98,7 @@ def generate_synthetic_dataset(
     """
     root = Path(root).resolve()
     params = {
-        "generator": "fpn_rpn.synthetic_data",
+        "generator": "fpn_rpn.data.synthetic_data",
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "num_train": int(num_train),

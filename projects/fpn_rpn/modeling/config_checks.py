@@ -9,7 +9,7 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["check_component_names", "check_rpn_config"]
 
