@@ -21,7 +21,8 @@ from fpn_rpn.analysis.anchor_analysis import (
     suggest_anchors,
     with_anchor_params,
 )
-from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config
+from fpn_rpn import setup_cfg
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
 from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_hand_checked_best_anchors():
         ],
         crowd=(4,),
     )
-    cfg = load_config(DEMO_CONFIG, HALF)
+    cfg = setup_cfg(DEMO_CONFIG, HALF)
     matches = match_gts_to_anchors(cfg, [record])
     torch.testing.assert_close(matches.best_iou, np.array([1.0, 15 / 17, 1.0, 100 / 1024]), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(matches.best_level[:3], [0, 0, 1])  # p2, p2, p3
@@ -74,7 +75,7 @@ def test_hand_checked_best_anchors():
 def test_closed_form_equals_anchor_generator(coco_mini):
     if not (coco_mini / "annotations" / "instances_val2017.json").is_file():
         pytest.skip("coco_mini not found")
-    cfg = load_config(DEMO_CONFIG)
+    cfg = setup_cfg(DEMO_CONFIG)
     matches = match_gts_to_anchors(cfg, get_dataset_dicts("coco_mini_val", 4))
     grid = AnchorGrid(cfg)
     per_level = [
@@ -89,7 +90,7 @@ def test_suggestion_finds_the_missing_ratio():
     # 64x16 boxes (w/h 4) at the test resolution, at P2 grid centres and half a stride
     # off; with only square anchors the best IoU is 512 / 1536 = 1/3 at best
     boxes = [[2 * (x - 32), 2 * (y - 8), 2 * (x + 32), 2 * (y + 8)] for x, y in ((40, 20), (42, 30), (38, 45))]
-    cfg = load_config(DEMO_CONFIG, HALF + ["MODEL.FPN_RPN.ANCHOR_RATIOS", [[1.0]]])
+    cfg = setup_cfg(DEMO_CONFIG, HALF + ["MODEL.FPN_RPN.ANCHOR_RATIOS", [[1.0]]])
     matches = match_gts_to_anchors(cfg, [_record(boxes)])
     assert matches.best_iou.max() <= 1 / 3 + 1e-6
     grid = AnchorGrid(cfg)
@@ -102,7 +103,7 @@ def test_suggestion_finds_the_missing_ratio():
 
 
 def test_config_lines_merge_into_a_config():
-    cfg = load_config(DEMO_CONFIG)
+    cfg = setup_cfg(DEMO_CONFIG)
     lines = anchor_config_lines(cfg, [[16.5], [32], [64], [128], [256]], [3.0, 1.0, 0.5])
     assert lines == (
         "MODEL:\n"
@@ -118,7 +119,7 @@ def test_config_lines_merge_into_a_config():
     assert merged.MODEL.FPN_RPN.ANCHOR_RATIOS == [[3, 1, 0.5]]
 
     # Detectron2's generator takes height / width
-    stock = load_config(str(REPO / "configs" / "demo" / "stock_rpn_R_18_GN_synthetic.yaml"))
+    stock = setup_cfg(str(REPO / "configs" / "demo" / "stock_rpn_R_18_GN_synthetic.yaml"))
     assert anchor_config_lines(stock, [[32]], [2.0, 1.0, 0.5]).splitlines()[-1] == (
         "    ASPECT_RATIOS: [[0.5, 1, 2]]  # height / width (DefaultAnchorGenerator)"
     )
@@ -139,7 +140,7 @@ def test_tool_writes_report(coco_mini, tmp_path):
     score = [(m.best_iou >= 0.5).sum() + (m.best_iou >= 0.7).sum() for m in (matches, suggested)]
     assert score[1] >= score[0]
     yaml_text = (tmp_path / "suggested_anchors.yaml").read_text()
-    cfg = load_config(DEMO_CONFIG)
+    cfg = setup_cfg(DEMO_CONFIG)
     cfg.defrost()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(yaml_text))
     rows = (tmp_path / "anchor_coverage.csv").read_text().splitlines()

@@ -24,13 +24,13 @@ from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools.coco import COCO
 
+from fpn_rpn import setup_cfg
 from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco, metric_name
 from fpn_rpn.analysis.proposal_sources import (
     anchor_proposals,
     cache_key,
     cached,
     get_dataset_dicts,
-    load_config,
     load_proposal_file,
     run_model,
     selective_search,
@@ -157,7 +157,7 @@ def test_anchor_proposals_hand_checked():
     # 128x128 image, test size 64: scale 0.5. P2-P6 (strides 4..64) on the 64x64 input
     # have 16^2 + 8^2 + 4^2 + 2^2 + 1 = 341 locations x 3 ratios = 1023 anchors, all with
     # their centre inside the image, so none is empty after clipping.
-    cfg = load_config(DEMO_CONFIG, ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64])
+    cfg = setup_cfg(DEMO_CONFIG, ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64])
     proposals, _ = anchor_proposals(cfg, [{"image_id": 7, "height": 128, "width": 128}], seed=0)
     boxes, scores = proposals[7]["boxes"], proposals[7]["scores"]
     assert boxes.shape == (1023, 4)
@@ -203,7 +203,7 @@ def test_proposal_file_conversions(tmp_path):
 def test_cache_reuses_and_invalidates(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"1")
-    cfg = load_config(DEMO_CONFIG, [], str(weights))
+    cfg = setup_cfg(DEMO_CONFIG, [], str(weights))
     records = [{"image_id": 1}, {"image_id": 2}]
     calls = []
 
@@ -245,7 +245,7 @@ def test_eval_only_export_loads_into_dataset(two_image_dataset, tmp_path):
     name, json_file, image_root = two_image_dataset
     register = ["DATASETS.REGISTER_COCO", f"[['{name}', '{json_file}', '{image_root}']]"]
     weights = str(tmp_path / "init.pth")
-    cfg = load_config(DEMO_CONFIG, SMALL_INPUT + register + ["DATASETS.TEST", f"('{name}',)"])
+    cfg = setup_cfg(DEMO_CONFIG, SMALL_INPUT + register + ["DATASETS.TEST", f"('{name}',)"])
     torch.manual_seed(0)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("init")
@@ -263,7 +263,7 @@ def test_eval_only_export_loads_into_dataset(two_image_dataset, tmp_path):
 
     dicts = get_dataset_dicts(name, cfgs=[cfg])
     records = load_proposals_into_dataset([dict(d) for d in dicts], str(path))
-    ours, _ = run_model(load_config(DEMO_CONFIG, SMALL_INPUT + register, weights), dicts)
+    ours, _ = run_model(setup_cfg(DEMO_CONFIG, SMALL_INPUT + register, weights), dicts)
     for record in records:
         n = saved["ids"].index(record["image_id"])
         num = len(saved["boxes"][n])
@@ -282,17 +282,17 @@ def test_eval_only_export_loads_into_dataset(two_image_dataset, tmp_path):
 
 def test_run_model_takes_a_detector_rpn(val_dicts, tmp_path):
     # a GeneralizedRCNN with the same backbone and RPN weights gives the same proposals
-    cfg = load_config(DEMO_CONFIG, SMALL_INPUT)
+    cfg = setup_cfg(DEMO_CONFIG, SMALL_INPUT)
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("rpn")
     weights = str(tmp_path / "rpn.pth")
-    detector = load_config(DEMO_CONFIG, SMALL_INPUT + [
+    detector = setup_cfg(DEMO_CONFIG, SMALL_INPUT + [
         "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
         "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"], "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
         "MODEL.ROI_BOX_HEAD.NUM_FC", 2, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7,
     ], weights)
     records = val_dicts[:1]
-    expected, _ = run_model(load_config(DEMO_CONFIG, SMALL_INPUT, weights), records)
+    expected, _ = run_model(setup_cfg(DEMO_CONFIG, SMALL_INPUT, weights), records)
     actual, _ = run_model(detector, records)
     image_id = records[0]["image_id"]
     assert len(actual[image_id]["scores"]) > 0

@@ -10,6 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from fpn_rpn import add_fpn_rpn_config
 from fpn_rpn.data import synthetic_data
 from fpn_rpn.data.datasets import register_coco_json, register_datasets, synthetic_root
+from fpn_rpn.errors import DataError
 
 PROJECT_NAMES = ["coco_mini_train", "coco_mini_val", "fpn_rpn_synthetic_train", "fpn_rpn_synthetic_val"]
 
@@ -107,27 +108,32 @@ def test_synthetic_root(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def small_synthetic(monkeypatch, tmp_path):
-    """The synthetic dataset at a test size, under tmp_path."""
+def synthetic_root_in_tmp(monkeypatch, tmp_path):
+    """$FPN_RPN_DATASETS under tmp_path, with nothing generated yet."""
     monkeypatch.setenv("FPN_RPN_DATASETS", str(tmp_path))
-    monkeypatch.setattr(synthetic_data, "DEFAULT_NUM_TRAIN", 3)
-    monkeypatch.setattr(synthetic_data, "DEFAULT_NUM_VAL", 2)
     return tmp_path / "fpn_rpn_synthetic"
 
 
-def test_synthetic_generated_on_first_use(small_synthetic):
-    register_datasets(_cfg(train=["test_other"], test=["test_other"]))
-    assert not small_synthetic.exists()
+def test_registering_the_synthetic_dataset_generates_nothing(synthetic_root_in_tmp):
+    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
+    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
+    assert not synthetic_root_in_tmp.exists()
+    metadata = MetadataCatalog.get("fpn_rpn_synthetic_val")
+    assert metadata.json_file == str(synthetic_root_in_tmp / "annotations" / "instances_val.json")
+    assert metadata.evaluator_type == "coco"
+
+
+def test_missing_synthetic_data_names_the_command(synthetic_root_in_tmp):
+    register_datasets(_cfg())
+    json_file = synthetic_root_in_tmp / "annotations" / "instances_train.json"
+    with pytest.raises(DataError, match=f"^dataset 'fpn_rpn_synthetic_train': {re.escape(str(json_file))} does not "
+                                        r"exist; generate the synthetic data with: python tools/make_synthetic_dataset.py$"):
+        DatasetCatalog.get("fpn_rpn_synthetic_train")
+
+
+def test_synthetic_dataset_loads_once_generated(synthetic_root_in_tmp):
+    synthetic_data.generate_synthetic_dataset(synthetic_root_in_tmp, num_train=3, num_val=2)
+    register_datasets(_cfg())
     assert len(DatasetCatalog.get("fpn_rpn_synthetic_val")) == 2
     assert len(DatasetCatalog.get("fpn_rpn_synthetic_train")) == 3
     assert MetadataCatalog.get("fpn_rpn_synthetic_val").thing_classes == ["rectangle", "ellipse", "triangle", "polygon"]
-
-
-def test_synthetic_generated_when_named_in_config(small_synthetic):
-    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
-    register_datasets(_cfg(train=["fpn_rpn_synthetic_train"], test=["fpn_rpn_synthetic_val"]))
-    metadata = MetadataCatalog.get("fpn_rpn_synthetic_val")
-    assert metadata.json_file == str(small_synthetic / "annotations" / "instances_val.json")
-    assert Path(metadata.json_file).is_file()  # COCOEvaluator reads it before any DatasetCatalog.get
-    assert metadata.evaluator_type == "coco"
-    assert len(list((small_synthetic / "train").iterdir())) == 3

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 `make demo`: train fpn_rpn's FPN-RPN and Detectron2's stock RPN with the same small
-backbone and budget on the embedded synthetic dataset (generated on first use), on CPU,
+backbone and budget on the embedded synthetic dataset (generated first, by
+tools/make_synthetic_dataset.py, unless it is there), on CPU,
 evaluate proposal recall on its val split and print both side by side.
 
 Everything goes under output/demo/. Re-running resumes or re-evaluates what is there
@@ -62,6 +63,8 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for both runs, KEY VALUE ...")
     args = parser.parse_args()
     output = Path(args.output_dir)
+    if subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_dataset.py")], cwd=REPO).returncode:
+        sys.exit("demo: generating the synthetic dataset failed; see above")
     results = {}
     for (name, config), folder in zip(RUNS.items(), ("fpn_rpn", "stock_rpn")):
         results[name] = train_and_evaluate(name, config, output / folder, args.opts)

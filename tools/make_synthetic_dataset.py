@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """
-Generate the embedded synthetic dataset (see fpn_rpn.data.synthetic_data) ahead of training.
+Generate the embedded synthetic dataset (see fpn_rpn.data.synthetic_data): the files of
+fpn_rpn_synthetic_train / fpn_rpn_synthetic_val, which must exist before they are used.
+Does nothing when they are already there.
 
-    python tools/make_synthetic_dataset.py                      # the default, as training would
+    python tools/make_synthetic_dataset.py                      # the default, as training uses it
     python tools/make_synthetic_dataset.py --root /tmp/shapes --num-train 50 --num-val 10
 
 Names other than the default ones need ``DATASETS.REGISTER_COCO`` entries pointing at
@@ -13,18 +15,19 @@ import argparse
 import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.data.datasets imports)
 from fpn_rpn.data import synthetic_data
 from fpn_rpn.data.datasets import synthetic_root
+from fpn_rpn.errors import ArgumentParser, non_negative_int, run_cli
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--root",
         default=str(synthetic_root()),
         help="output folder (default: the one register_datasets uses, from $FPN_RPN_DATASETS)",
     )
-    parser.add_argument("--seed", type=int, default=synthetic_data.DEFAULT_SEED)
-    parser.add_argument("--num-train", type=int, default=synthetic_data.DEFAULT_NUM_TRAIN)
-    parser.add_argument("--num-val", type=int, default=synthetic_data.DEFAULT_NUM_VAL)
+    parser.add_argument("--seed", type=non_negative_int, default=synthetic_data.DEFAULT_SEED)
+    parser.add_argument("--num-train", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_TRAIN)
+    parser.add_argument("--num-val", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_VAL)
     args = parser.parse_args()
     paths = synthetic_data.generate_synthetic_dataset(
         args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val
@@ -34,4 +37,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

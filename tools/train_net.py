@@ -13,26 +13,22 @@ Bad data, configs and checkpoints, and diverged training, stop the run with one 
 on stderr naming the file, record or key and the fault, and exit status 1; the
 traceback goes to OUTPUT_DIR/log.txt.
 """
+import functools
 import logging
 import os
-import sys
 import traceback
 import weakref
 
-import torch
-
 import fpn_rpn  # noqa: F401  (registers the components; must precede detectron2)
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from fpn_rpn import ProposalRecallEvaluator, add_fpn_rpn_config, register_datasets
+from fpn_rpn import ProposalRecallEvaluator, register_datasets, setup_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
-from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line  # noqa: F401  (ConfigError: re-exported)
-from fpn_rpn.modeling.config_checks import check_component_names
+from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line, run_cli  # noqa: F401  (re-exported for tests)
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
 
 
@@ -71,24 +67,12 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_fpn_rpn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # the configs target GPUs; this lets the same file run on a CPU-only machine
-        cfg.MODEL.DEVICE = "cpu"
-    check_component_names(cfg)
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
     # still passed on to the root logger's handlers, which setup_logger would cut off
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fpn_rpn")
     logging.getLogger("fpn_rpn").propagate = True
-    # one process per machine generates the embedded dataset, if it is used, before the others read it
-    if comm.get_local_rank() == 0:
-        register_datasets(cfg)
-    comm.synchronize()
     register_datasets(cfg)
     if cfg.MODEL.LOAD_PROPOSALS:
         check_proposal_files(cfg)
@@ -130,21 +114,11 @@ def invoke_main():
     parser = default_argument_parser()
     args = parser.parse_args()
     print("Command Line Args:", args)
-    try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except Exception as e:
-        line = error_line(e)
-        if line is None:
-            raise
-        print(f"{parser.prog}: error: {line}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(
+        functools.partial(launch, main, args.num_gpus, num_machines=args.num_machines,
+                          machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,)),
+        parser.prog,
+    )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ Importing this package registers, in Detectron2's registries:
 
 Call :func:`add_fpn_rpn_config` on a config before merging a YAML that uses them.
 """
-from .compat import apply as _apply_compat
+from .compat import apply as _apply_compat, quiet_torchscript_deprecation as _quiet_torchscript
 
 _apply_compat()  # must run before anything imports detectron2
 
-from .config import add_fpn_rpn_config  # noqa: E402
+with _quiet_torchscript():  # these script functions when imported, which torch >= 2.10 warns about
+    import fvcore.nn  # noqa: E402, F401
+    import detectron2.modeling.box_regression  # noqa: E402, F401
+
+from .config import add_fpn_rpn_config, setup_cfg  # noqa: E402
 from .modeling.anchor_generator import FPNAnchorGenerator  # noqa: E402
 from .modeling.rpn_head import FPNRPNHead  # noqa: E402
 from .modeling.proposal_generator import FPNRPN  # noqa: E402
@@ -24,6 +28,7 @@ __all__ = [
     "add_fpn_rpn_config",
     "FPNAnchorGenerator",
     "FPNRPNHead",
+    "setup_cfg",
     "FPNRPN",
     "register_coco_json",
     "register_datasets",

@@ -19,12 +19,25 @@ That install needs four workarounds, all applied here and nowhere else:
 
 A complete Detectron2 (one whose ``_C`` extension imports, such as the official
 one built from source) is left untouched: :func:`apply` then does nothing.
+
+:func:`quiet_torchscript_deprecation` is for any Detectron2 on torch >= 2.10: its
+modules script functions when imported, each a FutureWarning a user can do nothing about.
 """
+import contextlib
 import importlib.util
 import sys
 import types
+import warnings
 
-__all__ = ["apply", "is_complete_detectron2"]
+__all__ = ["apply", "is_complete_detectron2", "quiet_torchscript_deprecation"]
+
+
+@contextlib.contextmanager
+def quiet_torchscript_deprecation():
+    """Hide torch's "`torch.jit.script` is deprecated" FutureWarnings raised inside this block only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 _applied = False
 

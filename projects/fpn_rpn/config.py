@@ -1,4 +1,18 @@
+"""fpn_rpn's config keys, and the one way every tool loads a config (:func:`setup_cfg`)."""
+import difflib
+import os
+import re
+from typing import Optional, Sequence
+
+import torch
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.utils import comm
+
+from .errors import ConfigError, first_line
+
+__all__ = ["add_fpn_rpn_config", "setup_cfg"]
 
 
 def add_fpn_rpn_config(cfg):
@@ -45,3 +59,86 @@ def add_fpn_rpn_config(cfg):
     # Proposal budgets (proposals per image) at which the recall evaluator reports AR.
     cfg.TEST.RECALL_BUDGETS = [10, 20, 50, 100, 300, 1000]
     return cfg
+
+
+def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None):
+    """
+    The frozen config of a YAML file and ``KEY VALUE`` overrides, as every tool loads it:
+    Detectron2's defaults plus fpn_rpn's keys, the file, ``opts``, ``MODEL.WEIGHTS`` set
+    to ``weights`` if given, and CPU where the config names CUDA but none is available
+    (the configs target GPUs; this lets the same file run on a CPU-only machine).
+
+    Component names (registries) and the values of INPUT, SOLVER, TEST and DATALOADER
+    are checked here, before any work; the RPN keys when the model is built.
+
+    Raises:
+        ConfigError: with one line naming the file or key: a missing or unparsable
+            file, an odd or misplaced override list, an unknown key (with the closest
+            known one), a value of the wrong type or out of range.
+    """
+    from .engine.config_checks import check_run_config  # here: engine imports detectron2's trainer parts
+    from .modeling.config_checks import check_component_names
+
+    cfg = add_fpn_rpn_config(get_cfg())
+    _merge_file(cfg, config_file)
+    _merge_opts(cfg, list(opts))
+    if weights is not None:
+        cfg.MODEL.WEIGHTS = weights
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    check_component_names(cfg)
+    check_run_config(cfg, comm.get_world_size())
+    cfg.freeze()
+    return cfg
+
+
+def _merge_file(cfg, config_file: str) -> None:
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file} does not exist")
+    try:
+        cfg.merge_from_file(config_file)
+    except (AssertionError, KeyError, ValueError) as e:  # a missing _BASE_, an unknown key, a type mismatch
+        raise _merge_error(cfg, e, f" (in {config_file} or its _BASE_)") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_file}: not a YAML file ({first_line(e)})") from e
+
+
+def _merge_opts(cfg, opts: list) -> None:
+    flags = [item for item in opts if re.match(r"^--[A-Za-z]", str(item))]
+    if flags:
+        raise ConfigError(
+            f"{flags[0]} is among the KEY VALUE overrides: options go before the first KEY VALUE pair"
+        )
+    if len(opts) % 2:
+        raise ConfigError(
+            f"the KEY VALUE overrides have an odd number of items ({len(opts)}: {' '.join(map(str, opts))}): "
+            "give each key a value, and put options such as --resume before the first KEY"
+        )
+    try:
+        cfg.merge_from_list(opts)
+    except (AssertionError, KeyError, ValueError) as e:  # yacs: an unknown key, a type mismatch
+        raise _merge_error(cfg, e, "") from e
+
+
+def _merge_error(cfg, error: Exception, where: str) -> ConfigError:
+    """yacs's messages, made to name the key: with the closest known key, or the expected type."""
+    message = str(error.args[0]) if error.args else ""
+    unknown = re.match(r"^Non-existent (?:config )?key: (\S+)$", message)
+    if unknown:
+        close = difflib.get_close_matches(unknown.group(1), _all_keys(cfg), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return ConfigError(f"{unknown.group(1)} is not a config key{where}{hint}")
+    mismatch = re.match(r"^Type mismatch \(<class '(\w+)'> vs. <class '(\w+)'>\) with values "
+                        r"\((.*) vs. (.*)\) for config key: (\S+)$", message)
+    if mismatch:
+        expected, given, default, value, key = mismatch.groups()
+        return ConfigError(f"{key} = {value} is a {given} where a {expected} is expected "
+                           f"(as in {default}){where}")
+    return ConfigError(f"{first_line(error)}{where}")
+
+
+def _all_keys(node, prefix: str = "") -> list:
+    keys = []
+    for name, value in node.items():
+        keys += _all_keys(value, f"{prefix}{name}.") if isinstance(value, CN) else [prefix + name]
+    return keys

@@ -1,8 +1,26 @@
 """The faults of a user's inputs or of a training run that fpn_rpn reports in one
 line, and how a command-line tool turns them into that line."""
+import argparse
+import math
+import os
 import re
+import sys
 
-__all__ = ["DataError", "CheckpointError", "ConfigError", "CLEAR_ERRORS", "error_line"]
+__all__ = [
+    "DataError",
+    "CheckpointError",
+    "ConfigError",
+    "CLEAR_ERRORS",
+    "ArgumentParser",
+    "error_line",
+    "examples",
+    "first_line",
+    "non_negative_int",
+    "require",
+    "positive_float",
+    "positive_int",
+    "run_cli",
+]
 
 
 class DataError(ValueError):
@@ -15,6 +33,12 @@ class CheckpointError(RuntimeError):
 
 class ConfigError(ValueError):
     """A config value the model cannot be built with."""
+
+
+def require(ok: bool, key: str, value, allowed: str) -> None:
+    """Raise ConfigError "<key> = <value> is invalid: <allowed>" unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
 
 
 # diverged training is FloatingPointError; other exceptions are bugs and keep their traceback
@@ -37,3 +61,63 @@ def error_line(error: BaseException):
     elif not isinstance(error, CLEAR_ERRORS):
         return None
     return " ".join(text.split())
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for quoting it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def examples(values, limit: int = 5) -> str:
+    """The first ``limit`` values, comma-separated, with ", ..." when there are more."""
+    values = list(values)
+    more = ", ..." if len(values) > limit else ""
+    return ", ".join(v if isinstance(v, str) else repr(v) for v in values[:limit]) + more
+
+
+def run_cli(main, prog: str = None, args=()):
+    """
+    ``main(*args)`` of a command-line tool: a CLEAR_ERRORS fault ends it with one line on
+    stderr, ``<prog>: error: <message>``, and exit status 1; other exceptions are bugs and
+    keep their traceback.
+    """
+    try:
+        return main(*args)
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"{prog or _prog()}: error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fpn_rpn"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but misuse ends with one line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(kind, ok, what):
+    """An argparse ``type``: ``kind(text)``, refused unless ``ok(value)``, as "<text> is not <what>"."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")

@@ -34,6 +34,7 @@ __all__ = [
     "anchor_params",
     "best_iou_closed_form",
     "coverage_rows",
+    "gt_boxes",
     "input_size_at_test",
     "match_gts_to_anchors",
     "suggest_anchors",
@@ -126,7 +127,8 @@ class GtAnchorMatches:
         return out
 
 
-def _gt_boxes(record: dict) -> np.ndarray:
+def gt_boxes(record: dict) -> np.ndarray:
+    """(G, 4) float64 XYXY boxes of a dataset record's non-crowd annotations."""
     boxes = [
         BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
         for a in record.get("annotations", [])
@@ -141,7 +143,7 @@ def match_gts_to_anchors(cfg, dataset_dicts: Sequence[dict]) -> GtAnchorMatches:
     cols = {k: [] for k in ("image_ids", "boxes", "scaled", "grid", "iou", "level", "cell")}
     cells_per_level = [len(c) for c in grid.cell_shapes()]
     for record in dataset_dicts:
-        boxes = _gt_boxes(record)
+        boxes = gt_boxes(record)
         if len(boxes) == 0:
             continue
         h, w = input_size_at_test(cfg, record["height"], record["width"])

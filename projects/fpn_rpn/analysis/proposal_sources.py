@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import read_image
@@ -34,12 +33,14 @@ from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch import ProposalNetwork
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, BoxMode, Instances
-from detectron2.utils.file_io import PathManager
 from tqdm import tqdm
 
 from .anchor_analysis import AnchorGrid, input_size_at_test
 from ..config import add_fpn_rpn_config
 from ..data.datasets import register_datasets
+from ..data.proposal_files import check_covers_images, read_proposal_file
+from ..engine.checkpoint import CheckedCheckpointer
+from ..errors import ConfigError, DataError
 
 __all__ = [
     "SourceProposals",
@@ -47,10 +48,10 @@ __all__ = [
     "cache_key",
     "cached",
     "get_dataset_dicts",
-    "load_config",
     "load_proposal_file",
     "run_model",
     "selective_search",
+    "split_config_and_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,38 +86,16 @@ class SourceProposals:
         return float(np.mean([len(p["scores"]) for p in self.proposals.values()]))
 
 
-def load_config(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None):
-    """
-    A frozen config as ``tools/train_net.py`` builds it (without its logging set-up):
-    fpn_rpn's keys added, ``opts`` merged, ``MODEL.WEIGHTS`` set to ``weights`` if
-    given, and CPU where the config names CUDA but none is available.
-    """
-    cfg = add_fpn_rpn_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if weights is not None:
-        cfg.MODEL.WEIGHTS = weights
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
 def get_dataset_dicts(dataset_name: str, max_images: Optional[int] = None, cfgs: Sequence = ()) -> List[dict]:
     """
     The first ``max_images`` records (all if None) of a registered dataset, after
     registering fpn_rpn's datasets and the ``DATASETS.REGISTER_COCO`` entries of ``cfgs``.
-    The configs' own train/test datasets are not touched (so a config naming the
-    synthetic dataset does not generate it unless ``dataset_name`` is that dataset).
     """
     for cfg in list(cfgs) or [add_fpn_rpn_config(get_cfg())]:
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (dataset_name,)
         register_datasets(cfg)
     if dataset_name not in DatasetCatalog.list():
-        own = sorted(n for n in DatasetCatalog.list() if n.startswith(("coco_mini", "fpn_rpn_")))
-        raise ValueError(
+        own = sorted(n for n in DatasetCatalog.list() if n.startswith(("coco_", "fpn_rpn_")))
+        raise DataError(
             f"Dataset {dataset_name!r} is not registered. fpn_rpn registers {own}; Detectron2's "
             "built-in names (coco_2017_val, ...) need their files under $DETECTRON2_DATASETS; "
             "others can be added with DATASETS.REGISTER_COCO in a config."
@@ -125,68 +104,54 @@ def get_dataset_dicts(dataset_name: str, max_images: Optional[int] = None, cfgs:
     return dicts if max_images is None else dicts[:max_images]
 
 
+def split_config_and_weights(spec: str) -> Tuple[str, Optional[str]]:
+    """
+    "CONFIG.yaml[:WEIGHTS]" -> (config, weights or None). The config ends in .yaml or .yml;
+    what follows its ':' is the weights, which may be a URL.
+
+    Raises:
+        ValueError: ``spec`` names no YAML file.
+    """
+    match = re.match(r"^(.+?\.ya?ml)(?::(.+))?$", spec)
+    if not match:
+        raise ValueError(f"expected CONFIG.yaml[:WEIGHTS], got {spec!r}")
+    return match.group(1), match.group(2)
+
+
 def _image_ids(dataset_dicts_or_ids: Iterable) -> List[Any]:
     return [d["image_id"] if isinstance(d, dict) else d for d in dataset_dicts_or_ids]
 
 
-def load_proposal_file(path: str, dataset_dicts_or_ids: Iterable) -> Dict[Any, ImageProposals]:
+def load_proposal_file(path: str, dataset_dicts_or_ids: Iterable, dataset_name: str = "") -> Dict[Any, ImageProposals]:
     """
-    Read a Detectron2 proposal file for the given images, with the checks that
-    Detectron2's ``load_proposals_into_dataset`` lacks (it fails with a bare KeyError).
-
-    The file is a pickled dict with "ids", "boxes" (per image (N, 4)),
-    "objectness_logits" (per image (N,)) and optionally "bbox_mode" (default
-    XYXY_ABS); Detectron1's "indexes"/"scores" names are accepted, as Detectron2 does.
-    Ids are matched as strings, as Detectron2 matches them.
+    The proposals of a Detectron2 proposal file (see :mod:`fpn_rpn.data.proposal_files`)
+    for the given images.
 
     Args:
         path: the ``.pkl`` file.
         dataset_dicts_or_ids: the dataset's records (with "image_id") or image ids.
+        dataset_name: named in messages.
 
     Returns:
         image_id (as in the dataset) -> {"boxes": (N, 4) float32 XYXY_ABS, "scores": (N,)
         float32}, every box of the file kept.
 
     Raises:
-        ValueError: keys are missing, lengths differ, or images of the dataset have no
-            entry in the file (the message gives how many and some of their ids).
+        DataError: the file cannot be read as a proposal file, or images of the dataset
+            have no entry in it.
     """
-    with PathManager.open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a pickled dict (Detectron2 proposal file), got {type(data).__name__}")
-    data = dict(data)
-    for old, new in (("indexes", "ids"), ("scores", "objectness_logits")):  # Detectron1 names
-        if old in data and new not in data:
-            data[new] = data.pop(old)
-    missing_keys = [k for k in ("ids", "boxes", "objectness_logits") if k not in data]
-    if missing_keys:
-        raise ValueError(f"{path}: proposal file lacks {missing_keys}; it has keys {sorted(data)}")
-    ids, boxes, logits = data["ids"], data["boxes"], data["objectness_logits"]
-    if not len(ids) == len(boxes) == len(logits):
-        raise ValueError(
-            f"{path}: {len(ids)} ids, {len(boxes)} box arrays and {len(logits)} "
-            "objectness_logits arrays; they must be as many"
-        )
-    bbox_mode = BoxMode(data.get("bbox_mode", BoxMode.XYXY_ABS))
-    index = {str(i): n for n, i in enumerate(ids)}
-
+    data = read_proposal_file(path)
     image_ids = _image_ids(dataset_dicts_or_ids)
-    missing = [i for i in image_ids if str(i) not in index]
-    if missing:
-        matched = len(image_ids) - len(missing)
-        raise ValueError(
-            f"{path}: {len(missing)} of the {len(image_ids)} images of the dataset have no "
-            f"proposals in the file (e.g. image ids {missing[:5]}); the file holds {len(ids)} "
-            f"image ids, {matched} of them in the dataset. Was it made for another dataset or split?"
-        )
+    check_covers_images(path, data, image_ids, dataset_name)
+    bbox_mode = BoxMode(data.get("bbox_mode", BoxMode.XYXY_ABS))
+    index = {str(i): n for n, i in enumerate(data["ids"])}
     proposals = {}
     for img_id in image_ids:
         n = index[str(img_id)]
-        b = np.asarray(boxes[n], dtype=np.float32).reshape(-1, 4)
-        s = np.asarray(logits[n], dtype=np.float32).reshape(-1)
+        b = np.asarray(data["boxes"][n], dtype=np.float32).reshape(-1, 4)
+        s = np.asarray(data["objectness_logits"][n], dtype=np.float32).reshape(-1)
         if len(b) != len(s):
-            raise ValueError(f"{path}: image {img_id!r} has {len(b)} boxes but {len(s)} objectness_logits")
+            raise DataError(f"{path}: image {img_id!r} has {len(b)} boxes but {len(s)} objectness_logits")
         if bbox_mode != BoxMode.XYXY_ABS:
             b = BoxMode.convert(b, bbox_mode, BoxMode.XYXY_ABS).astype(np.float32)
         proposals[img_id] = {"boxes": b, "scores": s}
@@ -201,10 +166,17 @@ def _proposals_of(instances: Instances) -> ImageProposals:
     }
 
 
-def run_model(cfg, dataset_dicts: Sequence[dict], progress: bool = False) -> Tuple[Dict[Any, ImageProposals], float]:
+def run_model(
+    cfg, dataset_dicts: Sequence[dict], progress: bool = False, random_init: bool = False
+) -> Tuple[Dict[Any, ImageProposals], float]:
     """
     Proposals of a model (``cfg``, with ``cfg.MODEL.WEIGHTS``) for each image, one image
     at a time, with the test-time resize of ``cfg.INPUT``.
+
+    The weights are loaded as ``train_net.py --eval-only`` loads them: every parameter
+    must be in the file (:class:`CheckedCheckpointer`), so an untrained model is never
+    evaluated by mistake. ``random_init`` skips loading and keeps Detectron2's random
+    initialisation (seed 0), for a deliberate untrained baseline.
 
     A ProposalNetwork's forward gives the proposals; for other meta-architectures with
     ``preprocess_image``, ``backbone`` and ``proposal_generator`` (GeneralizedRCNN) the
@@ -214,13 +186,15 @@ def run_model(cfg, dataset_dicts: Sequence[dict], progress: bool = False) -> Tup
         image_id -> proposals (original image coordinates), and the mean seconds of the
         model call per image (reading and resizing the image excluded).
     """
+    torch.manual_seed(0)  # the initialisation of what random_init keeps, or the checkpoint lacks
     model = build_model(cfg)
     model.eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if not random_init:
+        CheckedCheckpointer(model, require_all=True).load(cfg.MODEL.WEIGHTS)
     if not isinstance(model, ProposalNetwork) and not all(
         hasattr(model, a) for a in ("preprocess_image", "backbone", "proposal_generator")
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no proposal generator to run "
             "(expected a ProposalNetwork or a GeneralizedRCNN-like model)"
         )

@@ -32,15 +32,14 @@ import json
 import logging
 import math
 import os
-import pickle
 from numbers import Real
 from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.datasets import load_coco_json
-from detectron2.utils.file_io import PathManager
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, examples, first_line
+from .proposal_files import check_covers_images, read_proposal_file
 
 __all__ = [
     "DataError",
@@ -57,15 +56,6 @@ logger = logging.getLogger(__name__)
 COCO_KEYS = ("images", "annotations", "categories")
 IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
-_EXAMPLES = 5  # record ids named in a message
-
-
-def _examples(values) -> str:
-    values = list(values)
-    more = ", ..." if len(values) > _EXAMPLES else ""
-    return ", ".join(repr(v) for v in values[:_EXAMPLES]) + more
-
-
 def _is_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
@@ -210,7 +200,7 @@ def check_coco_json(json_file, image_root) -> Dict[Any, Optional[list]]:
         (clipped, "clipped {} boxes that extend past their image's border"),
     ):
         if ids:
-            logger.warning(f"{json_file}: {what.format(len(ids))} (annotation ids {_examples(ids)})")
+            logger.warning(f"{json_file}: {what.format(len(ids))} (annotation ids {examples(ids)})")
     return repairs
 
 
@@ -237,11 +227,6 @@ def load_checked_coco_json(json_file, image_root, dataset_name: Optional[str] = 
     return dataset_dicts
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class CheckedDatasetMapper(DatasetMapper):
     """
     :class:`DatasetMapper` that turns an image it cannot use (missing, not an image,
@@ -258,7 +243,7 @@ class CheckedDatasetMapper(DatasetMapper):
         except self.IMAGE_ERRORS as e:
             raise DataError(
                 f"{dataset_dict.get('file_name')}: image id {dataset_dict.get('image_id')!r}: "
-                f"cannot be used ({type(e).__name__}: {_first_line(e)})"
+                f"cannot be used ({type(e).__name__}: {first_line(e)})"
             ) from e
 
 
@@ -269,29 +254,9 @@ def check_proposal_file(proposal_file, dataset_name: str) -> None:
     the registered dataset ``dataset_name``; Detectron2 would stop with a bare
     KeyError at the first image without.
     """
-    proposal_file = os.fspath(proposal_file)
-    try:
-        with PathManager.open(proposal_file, "rb") as f:
-            proposals = pickle.load(f, encoding="latin1")
-    except FileNotFoundError as e:
-        raise DataError(f"{proposal_file}: proposal file does not exist") from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise DataError(
-            f"{proposal_file}: cannot be read as a proposal file ({type(e).__name__}: {_first_line(e)})"
-        ) from e
-    ids = proposals.get("ids", proposals.get("indexes")) if isinstance(proposals, dict) else None
-    if ids is None:
-        raise DataError(f"{proposal_file}: not a proposal file (a dict with 'ids', 'boxes', 'objectness_logits')")
-    have = {str(i) for i in ids}  # Detectron2 matches ids as strings
+    data = read_proposal_file(proposal_file)
     image_ids = [record["image_id"] for record in DatasetCatalog.get(dataset_name)]
-    missing = [i for i in image_ids if str(i) not in have]
-    if missing:
-        extra = len(have - {str(i) for i in image_ids})
-        raise DataError(
-            f"{proposal_file}: no proposals for {len(missing)} of the {len(image_ids)} images of dataset "
-            f"'{dataset_name}' (image ids {_examples(missing)}); the file has proposals for {len(have)} "
-            f"images, {extra} of them not in the dataset: was it made for another dataset?"
-        )
+    check_covers_images(proposal_file, data, image_ids, dataset_name)
 
 
 def check_proposal_files(cfg):

@@ -9,7 +9,8 @@ a config, the project's own names:
   only where those exist.
 - ``fpn_rpn_synthetic_train``, ``fpn_rpn_synthetic_val``: the embedded dataset of
   :mod:`fpn_rpn.data.synthetic_data` in ``$FPN_RPN_DATASETS/fpn_rpn_synthetic`` (default
-  ``<repository>/datasets/fpn_rpn_synthetic``), generated on first use.
+  ``<repository>/datasets/fpn_rpn_synthetic``), which ``tools/make_synthetic_dataset.py``
+  generates; registered always, so that loading it without its files says how to make them.
 
 Detectron2's built-in names (``coco_2017_train``, ...) are Detectron2's, found under
 ``$DETECTRON2_DATASETS`` as usual.
@@ -27,6 +28,8 @@ __all__ = ["register_coco_json", "register_datasets"]
 
 # projects/fpn_rpn/data/datasets.py -> the repository, when installed editable
 _REPO = Path(__file__).resolve().parents[3]
+MAKE_SYNTHETIC = "python tools/make_synthetic_dataset.py"
+
 COCO_MINI_SPLITS = {
     "coco_mini_train": ("annotations/instances_train2017.json", "train2017"),
     "coco_mini_val": ("annotations/instances_val2017.json", "val2017"),
@@ -88,11 +91,8 @@ def register_datasets(cfg) -> None:
     """
     Register the datasets of ``cfg.DATASETS.REGISTER_COCO`` and the project's own names
     (see the module docstring), leaving registered names alone, so that calling it
-    twice is harmless.
-
-    The synthetic dataset is generated here when ``cfg.DATASETS.TRAIN`` or ``TEST``
-    names it, so that its ``json_file`` exists for COCOEvaluator; otherwise on the
-    first ``DatasetCatalog.get``.
+    twice is harmless. Nothing is read or written: files are checked when a dataset is
+    first loaded (``DatasetCatalog.get``).
     """
     for entry in cfg.DATASETS.REGISTER_COCO:
         if len(entry) != 3:
@@ -106,31 +106,16 @@ def register_datasets(cfg) -> None:
             register_coco_json(name, json_file, image_root)
 
     root = synthetic_root()
-    paths = synthetic_data.dataset_paths(root)
-    for split, (json_file, image_root) in paths.items():
+    for split, (json_file, image_root) in synthetic_data.dataset_paths(root).items():
         name = SYNTHETIC_PREFIX + split
         if name not in DatasetCatalog.list():
-            # register_coco_instances, but generating the files before loading them
-            DatasetCatalog.register(name, functools.partial(_load_synthetic, root, split, name))
+            # register_coco_json, but one that says how to make the files when they are missing
+            DatasetCatalog.register(name, functools.partial(_load_synthetic, json_file, image_root, name))
             MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
-    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
-    if any(
-        SYNTHETIC_PREFIX + split in used
-        and getattr(MetadataCatalog.get(SYNTHETIC_PREFIX + split), "json_file", None) == json_file
-        for split, (json_file, _) in paths.items()
-    ):
-        _generate_synthetic(root)
 
 
-def _generate_synthetic(root: Path):
-    return synthetic_data.generate_synthetic_dataset(
-        root,
-        seed=synthetic_data.DEFAULT_SEED,
-        num_train=synthetic_data.DEFAULT_NUM_TRAIN,
-        num_val=synthetic_data.DEFAULT_NUM_VAL,
-    )
-
-
-def _load_synthetic(root: Path, split: str, name: str):
-    json_file, image_root = _generate_synthetic(root)[split]
+def _load_synthetic(json_file: str, image_root: str, name: str):
+    if not os.path.isfile(json_file):
+        raise DataError(f"dataset '{name}': {json_file} does not exist; generate the synthetic data with: "
+                        f"{MAKE_SYNTHETIC}")
     return load_checked_coco_json(json_file, image_root, name)

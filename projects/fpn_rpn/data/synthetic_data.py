@@ -34,6 +34,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from ..errors import DataError
+
 __all__ = [
     "CATEGORIES",
     "DEFAULT_NUM_TRAIN",
@@ -93,7 +95,7 @@ def generate_synthetic_dataset(
         dict: split ("train", "val") -> (json_file, image_root), as strings.
 
     Raises:
-        ValueError: ``root`` exists and is not empty but holds something else, such
+        DataError (a ValueError): ``root`` exists and is not empty but holds something else, such
             as a dataset made with other parameters.
     """
     root = Path(root).resolve()
@@ -107,7 +109,7 @@ def generate_synthetic_dataset(
     if _has_dataset(root, params):
         return dataset_paths(root)
     if root.exists() and not (root.is_dir() and not any(root.iterdir())):
-        raise ValueError(
+        raise DataError(
             f"{root} exists but does not hold a synthetic dataset made with {params}; "
             "remove it or choose another root"
         )

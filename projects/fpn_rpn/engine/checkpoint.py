@@ -25,21 +25,9 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, examples, first_line
 
 __all__ = ["CheckpointError", "CheckedCheckpointer"]
-
-_EXAMPLES = 5  # parameter names given in a message
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _examples(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:_EXAMPLES]) + (", ..." if len(names) > _EXAMPLES else "")
 
 
 class CheckedCheckpointer(DetectionCheckpointer):
@@ -77,7 +65,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
                 local = self.path_manager.get_local_path(path)  # downloads URLs
             except Exception as e:
                 raise CheckpointError(
-                    f"checkpoint {path} cannot be fetched ({type(e).__name__}: {_first_line(e)})"
+                    f"checkpoint {path} cannot be fetched ({type(e).__name__}: {first_line(e)})"
                 ) from e
             if not os.path.isfile(local):
                 raise CheckpointError(f"checkpoint {path} does not exist")
@@ -94,7 +82,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
         except Exception as e:
             raise CheckpointError(
                 f"{filename}: cannot be read as a checkpoint, it may be truncated or not a "
-                f"PyTorch/Detectron2 checkpoint ({type(e).__name__}: {_first_line(e)})"
+                f"PyTorch/Detectron2 checkpoint ({type(e).__name__}: {first_line(e)})"
             ) from e
         weights = loaded.get("model") if isinstance(loaded, Mapping) else loaded
         if not isinstance(weights, Mapping):
@@ -111,7 +99,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
         if params and not_loaded.issuperset(params):
             raise CheckpointError(
                 f"{self._path}: has none of the model's {len(params)} parameters; it is not a checkpoint of "
-                f"this model (its keys: {_examples(file_keys) or 'none'})"
+                f"this model (its keys: {examples(sorted(file_keys)) or 'none'})"
             )
         if not_loaded and (self.require_all or self._resuming):
             why = "resuming" if self._resuming else "evaluating"
@@ -119,7 +107,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
             shapes = f" ({reshaped} with another shape)" if reshaped else ""
             raise CheckpointError(
                 f"{self._path}: {why} needs every parameter, but it misses {len(not_loaded)}{shapes}: "
-                f"{_examples(not_loaded)}; is it a checkpoint of this config?"
+                f"{examples(sorted(not_loaded))}; is it a checkpoint of this config?"
             )
         return incompatible
 
@@ -132,7 +120,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
                 at = f" at iteration {kwargs['iteration']}" if "iteration" in kwargs else ""
                 raise FloatingPointError(
                     f"training has diverged{at}: NaN or infinite values in {len(bad)} of the model's tensors "
-                    f"({_examples(bad)}); checkpoint {name} not saved, the last one is {last}"
+                    f"({examples(sorted(bad))}); checkpoint {name} not saved, the last one is {last}"
                 )
         super().save(name, **kwargs)
 

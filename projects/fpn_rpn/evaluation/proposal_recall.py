@@ -43,6 +43,7 @@ __all__ = [
     "COCO_IOU_THRESHOLDS",
     "DEFAULT_BUDGETS",
     "DEFINITIONS",
+    "check_budgets",
     "evaluate_recall",
     "format_recall_table",
     "gt_from_coco",
@@ -132,7 +133,7 @@ def evaluate_recall(
         {"recall_<definition>": {"AR@k" / "AR_s@k" / ...: fraction or NaN}}, the
         layout Detectron2's ``flatten_results_dict`` turns into "recall_d2/AR@100".
     """
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
     results = {}
     for definition in definitions:
         recall, _ = recall_curves(
@@ -166,7 +167,7 @@ def recall_curves(
     """
     if definition not in DEFINITIONS:
         raise ValueError(f"Unknown recall definition {definition!r}; expected one of {DEFINITIONS}")
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
     thresholds = np.asarray(iou_thresholds, dtype=np.float64)
     ranges = np.array(list(areas.values()), dtype=np.float64).reshape(-1, 2)
     edges, in_area, num_gt = _build_edges(
@@ -188,7 +189,7 @@ def format_recall_table(
     areas: Iterable[str] = tuple(COCO_AREAS),
 ) -> str:
     """A table of AR (fractions), one row per definition and area, one column per budget."""
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
     rows = []
     for group, metrics in results.items():
         definition = group[len("recall_"):] if group.startswith("recall_") else group
@@ -200,7 +201,8 @@ def format_recall_table(
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".4f", numalign="left")
 
 
-def _check_budgets(budgets: Sequence[int]) -> List[int]:
+def check_budgets(budgets: Sequence[int]) -> List[int]:
+    """The budgets sorted and deduplicated; ValueError unless they are positive integers."""
     budgets = sorted({int(k) for k in budgets})
     if not budgets or budgets[0] < 1:
         raise ValueError(f"Recall budgets must be positive integers, got {budgets}")

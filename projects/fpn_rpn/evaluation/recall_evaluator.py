@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from pycocotools.coco import COCO
 
-from .proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table, gt_from_coco
+from .proposal_recall import DEFAULT_BUDGETS, check_budgets, evaluate_recall, format_recall_table, gt_from_coco
 
 __all__ = ["ProposalRecallEvaluator", "load_coco_ground_truth"]
 
@@ -61,9 +61,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
                 in Detectron2's precomputed-proposal format (``DATASETS.PROPOSAL_FILES_*``).
                 Without it only the top ``max(budgets)`` of each image are kept.
         """
-        self._budgets = sorted({int(k) for k in budgets})
-        if not self._budgets or self._budgets[0] < 1:
-            raise ValueError(f"Recall budgets must be positive integers, got {list(budgets)}")
+        self._budgets = check_budgets(budgets)
         if save_proposals and not output_dir:
             raise ValueError("save_proposals=True needs an output_dir to write box_proposals.pkl")
         self._dataset_name = dataset_name

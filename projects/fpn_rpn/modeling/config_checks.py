@@ -9,7 +9,7 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require as _check
 
 __all__ = ["check_component_names", "check_rpn_config"]
 
@@ -29,11 +29,6 @@ def check_component_names(cfg):
     ):
         if name not in _registered(registry):
             raise ConfigError(f"{key} = {name!r} is not registered; registered: {_registered(registry)}")
-
-
-def _check(ok: bool, key: str, value, allowed: str):
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
 
 
 def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
