@@ -5,6 +5,7 @@ Importing this package registers, in Detectron2's registries:
 - ``FPNAnchorGenerator`` (ANCHOR_GENERATOR_REGISTRY)
 - ``FPNRPNHead`` (RPN_HEAD_REGISTRY)
 - ``FPNRPN`` (PROPOSAL_GENERATOR_REGISTRY)
+- ``build_efficientnet_lite_backbone``, ``build_efficientnet_lite_fpn_backbone`` (BACKBONE_REGISTRY)
 
 Call :func:`add_fpn_rpn_config` on a config before merging a YAML that uses them.
 """
@@ -20,16 +21,18 @@ from .config import add_fpn_rpn_config, setup_cfg  # noqa: E402
 from .modeling.anchor_generator import FPNAnchorGenerator  # noqa: E402
 from .modeling.rpn_head import FPNRPNHead  # noqa: E402
 from .modeling.proposal_generator import FPNRPN  # noqa: E402
+from .modeling.backbone import EfficientNetLite  # noqa: E402  (also registers its builders)
 from .data.datasets import register_coco_json, register_datasets  # noqa: E402
 from .data.synthetic_data import generate_synthetic_dataset  # noqa: E402
 from .evaluation.recall_evaluator import ProposalRecallEvaluator  # noqa: E402
 
 __all__ = [
     "add_fpn_rpn_config",
+    "setup_cfg",
     "FPNAnchorGenerator",
     "FPNRPNHead",
-    "setup_cfg",
     "FPNRPN",
+    "EfficientNetLite",
     "register_coco_json",
     "register_datasets",
     "generate_synthetic_dataset",

