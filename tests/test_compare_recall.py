@@ -25,6 +25,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from fpn_rpn import setup_cfg
+from fpn_rpn.errors import DataError
 from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco, metric_name
 from fpn_rpn.analysis.proposal_sources import (
     anchor_proposals,
@@ -173,9 +174,10 @@ def test_proposal_file_with_other_ids_is_a_clear_error(tmp_path):
     path = tmp_path / "p.pkl"
     box = (np.zeros((1, 4), np.float32), np.zeros(1, np.float32))
     _write_proposal_file(path, {1: box, 2: box, 3: box})
-    with pytest.raises(ValueError, match=r"2 of the 4 images of the dataset have no proposals.*\[4, 5\].*3 image ids, 2 of them"):
-        load_proposal_file(str(path), [1, 2, 4, 5])
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(DataError, match=r"no proposals for 2 of the 4 images of dataset 'toy' \(image ids 4, 5\); "
+                                        r"the file has proposals for 3 images, 1 of them not in the dataset"):
+        load_proposal_file(str(path), [1, 2, 4, 5], "toy")
+    with pytest.raises(DataError, match="lacks"):
         with open(path, "wb") as f:
             pickle.dump({"ids": [1], "boxes": [box[0]]}, f)
         load_proposal_file(str(path), [1])

@@ -5,11 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fpn_rpn  # noqa: F401  (before detectron2)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from fpn_rpn import setup_cfg
 from fpn_rpn.analysis.plots import plot_ar_vs_proposals, plot_recall_vs_iou
 from fpn_rpn.analysis.proposal_drawing import GT_COLOUR, LEVEL_COLOURS, anchor_size_levels, draw_proposals, fpn_levels
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
@@ -103,9 +107,11 @@ def test_tool_from_proposal_file(val_dicts, tmp_path):
 
 
 def test_tool_from_model(val_dicts, tmp_path):
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(setup_cfg(DEMO_CONFIG)), save_dir=str(tmp_path)).save("model")
     with contextlib.redirect_stdout(io.StringIO()):
         load_tool("visualize_proposals").main(
-            ["--dataset", "coco_mini_val", "--num-images", "1", "--model", DEMO_CONFIG,
+            ["--dataset", "coco_mini_val", "--num-images", "1", "--model", f"{DEMO_CONFIG}:{tmp_path / 'model.pth'}",
              "--output-dir", str(tmp_path), "--opts", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
         )
     (png,) = tmp_path.glob("*.png")

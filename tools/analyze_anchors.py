@@ -21,6 +21,7 @@ import os
 from tabulate import tabulate
 
 import fpn_rpn  # noqa: F401  (before detectron2)
+from fpn_rpn import setup_cfg
 from fpn_rpn.analysis.anchor_analysis import (
     AnchorGrid,
     anchor_config_lines,
@@ -32,20 +33,21 @@ from fpn_rpn.analysis.anchor_analysis import (
     with_anchor_params,
 )
 from fpn_rpn.analysis.plots import plot_anchor_coverage
-from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
+from fpn_rpn.errors import ArgumentParser, positive_int, run_cli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="config whose anchor generator and test resize are used")
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--max-images", type=positive_int, default=None)
     parser.add_argument("--check-dataset", help="also report the suggestion's coverage on this dataset")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--sizes-per-level", type=int, default=None,
+    parser.add_argument("--sizes-per-level", type=positive_int, default=None,
                         help="start the search from N sizes per level, s * 2**(j/N) for the level's first size s "
                              "(RetinaNet-style octave scales; more anchors per location)")
     parser.add_argument("--no-suggest", action="store_true", help="only report the config's coverage")
@@ -60,11 +62,11 @@ def coverage_table(matches) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config, args.opts)
+    cfg = setup_cfg(args.config, args.opts)
     dataset_dicts = get_dataset_dicts(args.dataset, args.max_images, [cfg])
     os.makedirs(args.output_dir, exist_ok=True)
 
-    matches = match_gts_to_anchors(cfg, dataset_dicts)
+    matches = match_gts_to_anchors(cfg, dataset_dicts, progress=True)
     where = f"{args.dataset}, {len(dataset_dicts)} images, {len(matches.best_iou)} non-crowd gts"
     print(f"## Anchor coverage of {args.config} ({where})\n")
     print("Share of gts whose best anchor (test resolution) has IoU >= 0.5 / 0.7:\n")
@@ -95,7 +97,7 @@ def main(argv=None):
     new_sizes, new_ratios = suggest_anchors(matches, grid.strides, grid.offset, sizes, ratios[0])
     yaml = anchor_config_lines(cfg, new_sizes, new_ratios)
     new_cfg = with_anchor_params(cfg, new_sizes, new_ratios)
-    suggested = match_gts_to_anchors(new_cfg, dataset_dicts)
+    suggested = match_gts_to_anchors(new_cfg, dataset_dicts, progress=True)
     print(f"\n## Suggested anchors (greedy search on {args.dataset})\n\n```yaml\n{yaml}\n```\n")
     print("Coverage with the suggestion:\n")
     print(coverage_table(suggested))
@@ -105,12 +107,9 @@ def main(argv=None):
         check_dicts = get_dataset_dicts(args.check_dataset, args.max_images, [cfg])
         for name, c in (("config", cfg), ("suggestion", new_cfg)):
             print(f"\nCoverage of the {name} on {args.check_dataset}:\n")
-            print(coverage_table(match_gts_to_anchors(c, check_dicts)))
+            print(coverage_table(match_gts_to_anchors(c, check_dicts, progress=True)))
     return matches, suggested
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input (unknown dataset, mismatched proposal file): no traceback
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

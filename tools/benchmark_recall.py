@@ -11,11 +11,11 @@ random scores.
 
     python tools/benchmark_recall.py [--images 5000] [--proposals 1000] [--gts 7]
 """
-import argparse
 import time
 
 import numpy as np
 
+from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_float, positive_int
 from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table
 
 IMAGE_W, IMAGE_H = 640, 480
@@ -55,11 +55,11 @@ def make_synthetic(num_images, num_proposals, gts_per_image, seed=0, jittered_fr
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--proposals", type=int, default=1000)
-    parser.add_argument("--gts", type=float, default=7.0, help="mean gts per image")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=positive_int, default=5000)
+    parser.add_argument("--proposals", type=positive_int, default=1000)
+    parser.add_argument("--gts", type=positive_float, default=7.0, help="mean gts per image")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args()
 
     gt, proposals = make_synthetic(args.images, args.proposals, args.gts, args.seed)

@@ -27,8 +27,9 @@ allocator's free lists, nor Python objects), in a separate, untimed run.
     python tools/benchmark_rpn.py [--device cpu|cuda] [--batch-sizes 1 2 8] [--repeats 5]
     python tools/benchmark_rpn.py --quick     # batch 1 and 2, 3 rounds
 """
-import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,12 +39,14 @@ from pathlib import Path
 import torch
 
 import fpn_rpn  # noqa: F401  # before detectron2
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
+from tqdm import tqdm
+from fpn_rpn import setup_cfg
+from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -66,11 +69,7 @@ def build_models(device):
         ("ours", "fpn_rpn_R_50_FPN_1x.yaml", "cross_level"),
         ("ours per-level", "fpn_rpn_R_50_FPN_1x.yaml", "per_level"),
     ):
-        cfg = get_cfg()
-        fpn_rpn.add_fpn_rpn_config(cfg)
-        cfg.merge_from_file(str(CONFIGS / config))
-        if nms_mode:
-            cfg.MODEL.FPN_RPN.NMS_MODE = nms_mode
+        cfg = setup_cfg(str(CONFIGS / config), ["MODEL.FPN_RPN.NMS_MODE", nms_mode] if nms_mode else [])
         torch.manual_seed(0)
         models[name] = build_proposal_generator(cfg, shapes).to(device)
     for name in ("ours", "ours per-level"):
@@ -171,7 +170,7 @@ def time_calls(steps, repeats, warmup, device):
             steps[name]()
     synchronize(device)
     times = {name: [] for name in names}
-    for r in range(repeats):
+    for r in tqdm(range(repeats), desc="rounds", leave=False):
         for name in names[r % len(names):] + names[:r % len(names)]:
             steps[name].reset()
             synchronize(device)
@@ -196,7 +195,7 @@ def peak_memory(step, device):
     from torch.profiler import ProfilerActivity, profile
 
     step.reset()  # frees before profiling starts would be events of unknown size
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -205,6 +204,20 @@ def peak_memory(step, device):
             live += e.nbytes()
             peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull():
+    """Drop what C++ code writes to stderr meanwhile: the profiler logs "USDT ... profiler_start/stop"."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def device_name(device):
@@ -231,17 +244,17 @@ def check_parity(outputs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every model once)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (each runs every model once)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     parser.add_argument("--quick", action="store_true", help="batch sizes 1 and 2, 3 rounds")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--height", type=positive_int, default=800)
+    parser.add_argument("--width", type=positive_int, default=1333)
     parser.add_argument("--gt-json", default=str(DEFAULT_GT_JSON), help="COCO json whose boxes are the gts")
     args = parser.parse_args()
     if args.quick:
@@ -317,4 +330,4 @@ def format_table(rows, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,7 +8,10 @@ Compare the proposal recall of models, proposal files and baselines on one datas
         --selective-search --anchors anchors=configs/demo/fpn_rpn_R_18_GN_synthetic.yaml
 
 Sources, in any number and order (the table keeps the command line's order):
-  --model NAME=CONFIG[:WEIGHTS]  run a model (weights default to the config's MODEL.WEIGHTS)
+  --model NAME=CONFIG[:WEIGHTS]  run a model (weights default to the config's MODEL.WEIGHTS),
+                                 which must hold every parameter, as for train_net --eval-only
+  --random-init NAME=CONFIG      run a model with random weights (an untrained baseline),
+                                 marked "(random init)" in the table
   --proposals NAME=FILE          a Detectron2 proposal file (box_proposals.pkl)
   --selective-search [NAME]      OpenCV Selective Search, fast mode (opencv-contrib-python)
   --anchors [NAME=]CONFIG        the config's anchors, unregressed, in random order: AR at
@@ -28,6 +31,8 @@ import sys
 import numpy as np
 
 import fpn_rpn  # noqa: F401  (before detectron2)
+from fpn_rpn import setup_cfg
+from fpn_rpn.errors import ArgumentParser, CheckpointError, non_negative_int, positive_int, run_cli
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
 from fpn_rpn.analysis.proposal_sources import (
     SourceProposals,
@@ -35,10 +40,10 @@ from fpn_rpn.analysis.proposal_sources import (
     cache_key,
     cached,
     get_dataset_dicts,
-    load_config,
     load_proposal_file,
     run_model,
     selective_search,
+    split_config_and_weights,
 )
 from fpn_rpn.analysis.plots import plot_ar_vs_proposals, plot_recall_vs_iou
 from fpn_rpn.analysis.recall_comparison import (
@@ -57,82 +62,85 @@ IOU_CURVE_THRESHOLDS = np.append(np.stack([COCO_IOU_THRESHOLDS, COCO_IOU_THRESHO
 
 
 class _AddSource(argparse.Action):
-    """Appends (kind, value) to args.sources, so that sources keep the command line's order."""
+    """
+    Appends (kind, name, file, weights) to args.sources, so that sources keep the command
+    line's order; file is the config (models, anchors) or the proposal file.
+    """
 
     def __call__(self, parser, namespace, value, option_string=None):
-        sources = list(getattr(namespace, "sources", None) or [])
-        sources.append((self.const, value))
-        namespace.sources = sources
+        try:
+            source = _parse_source(self.const, value)
+        except ValueError as e:
+            parser.error(f"argument {option_string}: {e}")
+        namespace.sources = list(getattr(namespace, "sources", None) or []) + [source]
+
+
+def _parse_source(kind: str, value: str):
+    if kind == "selective_search":  # without NAME, argparse passes const as the value
+        return kind, value, None, None
+    match = re.match(r"^([^=/\\]+)=(.+)$", value)
+    name, spec = (match.group(1), match.group(2)) if match else (None, value)
+    if kind == "anchors":
+        return kind, name or "anchors", spec, None
+    if name is None:
+        raise ValueError(f"expected NAME={'FILE' if kind == 'proposals' else 'CONFIG'}..., got {value!r}")
+    if kind == "proposals":
+        return kind, name, spec, None
+    config_file, weights = split_config_and_weights(spec)
+    if kind == "random_init" and weights:
+        raise ValueError(f"a random-init model takes no weights, got {value!r}")
+    return kind, name, config_file, weights
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--model", action=_AddSource, const="model", metavar="NAME=CONFIG[:WEIGHTS]")
+    add("--random-init", action=_AddSource, const="random_init", metavar="NAME=CONFIG")
     add("--proposals", action=_AddSource, const="proposals", metavar="NAME=FILE")
     # without NAME, argparse passes const as the value: the name is then "selective_search"
     add("--selective-search", action=_AddSource, const="selective_search", nargs="?", metavar="NAME")
     add("--anchors", action=_AddSource, const="anchors", metavar="[NAME=]CONFIG")
     add("--dataset", required=True, help="a registered dataset, e.g. coco_mini_val, coco_2017_val")
-    add("--max-images", type=int, default=None, help="use only the dataset's first N images")
+    add("--max-images", type=positive_int, default=None, help="use only the dataset's first N images")
     add("--output-dir", required=True)
-    add("--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS), help="AR@k columns")
-    add("--area-budgets", type=int, nargs="+", default=[100, 1000],
+    add("--budgets", type=positive_int, nargs="+", default=list(DEFAULT_BUDGETS), help="AR@k columns")
+    add("--area-budgets", type=positive_int, nargs="+", default=[100, 1000],
         help="budgets of the small/medium/large columns")
-    add("--budget", type=int, default=100, help="proposals per image of the recall-vs-IoU plot")
+    add("--budget", type=positive_int, default=100, help="proposals per image of the recall-vs-IoU plot")
     add("--definition", choices=["d2", "coco", "both"], default="d2",
         help="recall definition of the table and plots (see fpn_rpn.evaluation.proposal_recall)")
-    add("--ss-max-side", type=int, default=None,
+    add("--ss-max-side", type=positive_int, default=None,
         help="shrink images to this longer side before Selective Search (faster, lower recall)")
-    add("--seed", type=int, default=0, help="seed of Selective Search's and the anchors' ranking")
+    add("--seed", type=non_negative_int, default=0, help="seed of Selective Search's and the anchors' ranking")
     add("--no-cache", action="store_true", help="recompute every source")
     add("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into every model and anchor config")
     args = parser.parse_args(argv)
     args.sources = getattr(args, "sources", None) or []
     if not args.sources:
-        parser.error("give at least one source: --model, --proposals, --selective-search or --anchors")
+        parser.error("give at least one source: --model, --random-init, --proposals, --selective-search or --anchors")
+    names = [name for _, name, _, _ in args.sources]
+    if len(set(names)) < len(names):
+        parser.error(f"source names must differ, got {names}")
     return args
-
-
-def _split_name(value: str, default: str):
-    match = re.match(r"^([^=/\\]+)=(.+)$", value)
-    return (match.group(1), match.group(2)) if match else (default, value)
-
-
-def _split_config(value: str):
-    # the config ends in .yaml/.yml; what follows a ':' is the weights (which may be a URL)
-    match = re.match(r"^(.+?\.ya?ml)(?::(.+))?$", value)
-    if not match:
-        raise SystemExit(f"--model expects NAME=CONFIG.yaml[:WEIGHTS], got {value!r}")
-    return match.group(1), match.group(2)
 
 
 def parse_sources(args):
     """[(kind, name, config or None, value)] with model and anchor configs loaded."""
     parsed = []
-    for kind, value in args.sources:
-        if kind == "model":
-            name, spec = _split_name(value, None)
-            if name is None:
-                raise SystemExit(f"--model expects NAME=CONFIG[:WEIGHTS], got {value!r}")
-            config_file, weights = _split_config(spec)
-            parsed.append((kind, name, load_config(config_file, args.opts, weights), config_file))
-        elif kind == "proposals":
-            name, path = _split_name(value, None)
-            if name is None:
-                raise SystemExit(f"--proposals expects NAME=FILE, got {value!r}")
-            parsed.append((kind, name, None, path))
-        elif kind == "selective_search":
-            parsed.append((kind, value, None, None))
-        else:
-            name, config_file = _split_name(value, "anchors")
-            parsed.append((kind, name, load_config(config_file, args.opts), config_file))
-    names = [name for _, name, _, _ in parsed]
-    if len(set(names)) < len(names):
-        raise SystemExit(f"source names must differ, got {names}")
+    for kind, name, path, weights in args.sources:
+        cfg = None
+        if kind in ("model", "random_init", "anchors"):
+            cfg = setup_cfg(path, args.opts, weights)
+        if kind == "model" and not cfg.MODEL.WEIGHTS:
+            raise CheckpointError(
+                f"--model {name}: no weights (none after '{path}:' and no MODEL.WEIGHTS in it); "
+                f"give {name}={path}:WEIGHTS, or --random-init {name}={path} for an untrained baseline"
+            )
+        parsed.append((kind, name, cfg, path))
     return parsed
 
 
@@ -140,14 +148,16 @@ def load_sources(args, parsed, dataset_dicts):
     cache_dir = None if args.no_cache else os.path.join(args.output_dir, "cache")
     sources = []
     for kind, name, cfg, value in parsed:
-        if kind == "model":
-            key = cache_key("model", args.dataset, dataset_dicts, cfg)
+        if kind in ("model", "random_init"):
+            random_init = kind == "random_init"
+            key = cache_key("model", args.dataset, dataset_dicts, cfg, random_init=random_init)
             proposals, seconds, hit = cached(
-                cache_dir, name, key, lambda: run_model(cfg, dataset_dicts, progress=True)
+                cache_dir, name, key, lambda: run_model(cfg, dataset_dicts, progress=True, random_init=random_init)
             )
-            info = {"config": value, "weights": cfg.MODEL.WEIGHTS, "cached": hit}
+            info = {"config": value, "weights": "random init" if random_init else cfg.MODEL.WEIGHTS, "cached": hit}
+            name += " (random init)" if random_init else ""
         elif kind == "proposals":
-            proposals, seconds = load_proposal_file(value, dataset_dicts), float("nan")
+            proposals, seconds = load_proposal_file(value, dataset_dicts, args.dataset), float("nan")
             info = {"file": value}
         elif kind == "selective_search":
             key = cache_key("selective_search", args.dataset, dataset_dicts,
@@ -158,7 +168,7 @@ def load_sources(args, parsed, dataset_dicts):
             )
             info = {"mode": "fast", "max_side": args.ss_max_side, "cached": hit}
         else:  # anchors: a few ms per image, so never cached
-            proposals, seconds = anchor_proposals(cfg, dataset_dicts, args.seed)
+            proposals, seconds = anchor_proposals(cfg, dataset_dicts, args.seed, progress=True)
             info = {"config": value, "ranking": f"random, seed {args.seed}"}
         sources.append(SourceProposals(name, proposals, seconds, info))
         print(f"[compare_recall] {name}: {sources[-1].proposals_per_image:.0f} proposals/image ({info})",
@@ -216,7 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input (unknown dataset, mismatched proposal file): no traceback
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

@@ -16,56 +16,68 @@ whose anchor sizes are nearest to the box's size, which needs a config.
 """
 import argparse
 import os
-import re
 
-import numpy as np
+from tqdm import tqdm
 
 import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.data.detection_utils import read_image
-from detectron2.structures import BoxMode
-from fpn_rpn.analysis.anchor_analysis import anchor_params, input_size_at_test
+from fpn_rpn import setup_cfg
+from fpn_rpn.analysis.anchor_analysis import anchor_params, gt_boxes, input_size_at_test
 from fpn_rpn.analysis.proposal_drawing import anchor_size_levels, draw_proposals, fpn_levels
-from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, load_config, load_proposal_file, run_model
+from fpn_rpn.analysis.proposal_sources import (
+    get_dataset_dicts,
+    load_proposal_file,
+    run_model,
+    split_config_and_weights,
+)
+from fpn_rpn.errors import ArgumentParser, positive_int, run_cli
+
+
+def _model_spec(text):
+    try:
+        return split_config_and_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="CONFIG[:WEIGHTS]", help="run this model")
+    source.add_argument("--model", type=_model_spec, metavar="CONFIG[:WEIGHTS]",
+                        help="run this model; the weights must hold every parameter")
     source.add_argument("--proposals", metavar="FILE", help="a Detectron2 proposal file")
     parser.add_argument("--config", help="with --proposals: the config whose test resize and anchors set the levels")
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--top", type=int, default=20, help="proposals drawn per image")
+    parser.add_argument("--num-images", type=positive_int, default=4)
+    parser.add_argument("--top", type=positive_int, default=20, help="proposals drawn per image")
     parser.add_argument("--level-rule", choices=["fpn", "anchor"], default="fpn")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into the config")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.level_rule == "anchor" and not (args.model or args.config):
+        parser.error("--level-rule anchor needs the anchor sizes: give --model, or --config with --proposals")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = None
     if args.model:
-        match = re.match(r"^(.+?\.ya?ml)(?::(.+))?$", args.model)
-        if not match:
-            raise SystemExit(f"--model expects CONFIG.yaml[:WEIGHTS], got {args.model!r}")
-        cfg = load_config(match.group(1), args.opts, match.group(2))
+        config_file, weights = args.model
+        cfg = setup_cfg(config_file, args.opts, weights)
     elif args.config:
-        cfg = load_config(args.config, args.opts)
+        cfg = setup_cfg(args.config, args.opts)
     dataset_dicts = get_dataset_dicts(args.dataset, args.num_images, [cfg] if cfg is not None else ())
     if args.model:
         proposals, _ = run_model(cfg, dataset_dicts, progress=True)
     else:
-        proposals = load_proposal_file(args.proposals, dataset_dicts)
-    if args.level_rule == "anchor" and cfg is None:
-        raise SystemExit("--level-rule anchor needs the anchor sizes: give --model, or --config with --proposals")
+        proposals = load_proposal_file(args.proposals, dataset_dicts, args.dataset)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    for record in dataset_dicts:
+    for record in tqdm(dataset_dicts, desc="drawing", unit="img"):
         image = read_image(record["file_name"], format="RGB")
         height, width = image.shape[:2]
         # level rules are defined on the network's input, not the original image
@@ -76,20 +88,13 @@ def main(argv=None):
         else:
             sizes, _ = anchor_params(cfg, len(cfg.MODEL.RPN.IN_FEATURES))
             levels, names = anchor_size_levels(p["boxes"], sizes, cfg.MODEL.RPN.IN_FEATURES, scale)
-        gt = np.array(
-            [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
-             for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
-        ).reshape(-1, 4)
-        canvas = draw_proposals(image, p["boxes"], p["scores"], levels, names, gt, args.top,
+        canvas = draw_proposals(image, p["boxes"], p["scores"], levels, names, gt_boxes(record), args.top,
                                 title=f"top {args.top} of {len(p['scores'])}")
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
         path = os.path.join(args.output_dir, f"{stem}.png")
         canvas.save(path)
-        print(f"[visualize_proposals] wrote {path}")
+        tqdm.write(f"[visualize_proposals] wrote {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input (unknown dataset, mismatched proposal file): no traceback
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

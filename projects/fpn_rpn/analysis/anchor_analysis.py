@@ -23,6 +23,7 @@ import torch
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_anchor_generator, build_backbone
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
+from tqdm import tqdm
 
 from ..modeling.anchor_generator import validate_anchor_params
 
@@ -137,12 +138,12 @@ def gt_boxes(record: dict) -> np.ndarray:
     return np.array(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def match_gts_to_anchors(cfg, dataset_dicts: Sequence[dict]) -> GtAnchorMatches:
+def match_gts_to_anchors(cfg, dataset_dicts: Sequence[dict], progress: bool = False) -> GtAnchorMatches:
     """The best anchor of every non-crowd gt of ``dataset_dicts`` under ``cfg``'s anchors."""
     grid = AnchorGrid(cfg)
     cols = {k: [] for k in ("image_ids", "boxes", "scaled", "grid", "iou", "level", "cell")}
     cells_per_level = [len(c) for c in grid.cell_shapes()]
-    for record in dataset_dicts:
+    for record in tqdm(dataset_dicts, desc="anchor matching", unit="img", disable=not progress):
         boxes = gt_boxes(record)
         if len(boxes) == 0:
             continue

@@ -29,17 +29,15 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
-from detectron2.modeling.meta_arch import ProposalNetwork
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, BoxMode, Instances
 from tqdm import tqdm
 
 from .anchor_analysis import AnchorGrid, input_size_at_test
+from .postprocessing_variants import run_postprocessing_variants
 from ..config import add_fpn_rpn_config
 from ..data.datasets import register_datasets
 from ..data.proposal_files import check_covers_images, read_proposal_file
-from ..engine.checkpoint import CheckedCheckpointer
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -158,62 +156,21 @@ def load_proposal_file(path: str, dataset_dicts_or_ids: Iterable, dataset_name: 
     return proposals
 
 
-def _proposals_of(instances: Instances) -> ImageProposals:
-    instances = instances.to("cpu")
-    return {
-        "boxes": instances.proposal_boxes.tensor.detach().float().numpy(),
-        "scores": instances.objectness_logits.detach().float().numpy(),
-    }
-
-
 def run_model(
     cfg, dataset_dicts: Sequence[dict], progress: bool = False, random_init: bool = False
 ) -> Tuple[Dict[Any, ImageProposals], float]:
     """
     Proposals of a model (``cfg``, with ``cfg.MODEL.WEIGHTS``) for each image, one image
-    at a time, with the test-time resize of ``cfg.INPUT``.
-
-    The weights are loaded as ``train_net.py --eval-only`` loads them: every parameter
-    must be in the file (:class:`CheckedCheckpointer`), so an untrained model is never
-    evaluated by mistake. ``random_init`` skips loading and keeps Detectron2's random
-    initialisation (seed 0), for a deliberate untrained baseline.
-
-    A ProposalNetwork's forward gives the proposals; for other meta-architectures with
-    ``preprocess_image``, ``backbone`` and ``proposal_generator`` (GeneralizedRCNN) the
-    same steps are run up to the proposal generator, whose forward returns detections.
+    at a time, with the test-time resize of ``cfg.INPUT``: the one-variant case of
+    :func:`fpn_rpn.analysis.postprocessing_variants.run_postprocessing_variants`, which
+    says how weights are loaded and which models are accepted.
 
     Returns:
         image_id -> proposals (original image coordinates), and the mean seconds of the
         model call per image (reading and resizing the image excluded).
     """
-    torch.manual_seed(0)  # the initialisation of what random_init keeps, or the checkpoint lacks
-    model = build_model(cfg)
-    model.eval()
-    if not random_init:
-        CheckedCheckpointer(model, require_all=True).load(cfg.MODEL.WEIGHTS)
-    if not isinstance(model, ProposalNetwork) and not all(
-        hasattr(model, a) for a in ("preprocess_image", "backbone", "proposal_generator")
-    ):
-        raise ConfigError(
-            f"{type(model).__name__} has no proposal generator to run "
-            "(expected a ProposalNetwork or a GeneralizedRCNN-like model)"
-        )
-    mapper = DatasetMapper(cfg, is_train=False)
-    proposals, seconds = {}, 0.0
-    for record in tqdm(dataset_dicts, desc="proposals", unit="img", disable=not progress):
-        inputs = [mapper(record)]
-        start = time.perf_counter()
-        with torch.no_grad():
-            if isinstance(model, ProposalNetwork):
-                instances = model(inputs)[0]["proposals"]
-            else:
-                images = model.preprocess_image(inputs)
-                features = model.backbone(images.tensor)
-                found, _ = model.proposal_generator(images, features, None)
-                instances = detector_postprocess(found[0], inputs[0]["height"], inputs[0]["width"])
-        seconds += time.perf_counter() - start
-        proposals[record["image_id"]] = _proposals_of(instances)
-    return proposals, seconds / max(len(dataset_dicts), 1)
+    proposals, seconds, _ = run_postprocessing_variants([cfg], dataset_dicts, progress, random_init)[0]
+    return proposals, seconds
 
 
 def _seed_c_rand(seed: int) -> None:
@@ -275,7 +232,9 @@ def selective_search(
     return proposals, seconds / max(len(dataset_dicts), 1)
 
 
-def anchor_proposals(cfg, dataset_dicts: Sequence[dict], seed: int = 0) -> Tuple[Dict[Any, ImageProposals], float]:
+def anchor_proposals(
+    cfg, dataset_dicts: Sequence[dict], seed: int = 0, progress: bool = False
+) -> Tuple[Dict[Any, ImageProposals], float]:
     """
     The config's anchors as regression-free proposals: all anchors of all levels at
     the test resolution, clipped and mapped back to the original image as the RPN's
@@ -291,7 +250,7 @@ def anchor_proposals(cfg, dataset_dicts: Sequence[dict], seed: int = 0) -> Tuple
     """
     grid = AnchorGrid(cfg)
     proposals, seconds = {}, 0.0
-    for record in dataset_dicts:
+    for record in tqdm(dataset_dicts, desc="anchors", unit="img", disable=not progress):
         start = time.perf_counter()
         height, width = record["height"], record["width"]
         h, w = input_size_at_test(cfg, height, width)

@@ -1,4 +1,6 @@
+import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from typing import List, Sequence
 
@@ -51,6 +53,15 @@ def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
             "(the RPN head is shared across levels)"
         )
     return sizes, ratios
+
+
+@contextlib.contextmanager
+def _quiet_meshgrid():
+    """Hide the "torch.meshgrid: ... indexing argument" UserWarning of Detectron2's grid offsets:
+    it calls meshgrid without ``indexing``, whose default ("ij") is what it means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+        yield
 
 
 @ANCHOR_GENERATOR_REGISTRY.register()
@@ -110,7 +121,7 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
         cache = self._anchor_cache
         if any(key not in cache for key in keys):
             # Plain tensors even under inference_mode, so that they can be reused outside it.
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), _quiet_meshgrid():
                 for key, anchors in zip(keys, super()._grid_anchors(grid_sizes)):
                     cache[key] = anchors
         for key in keys:
