@@ -90,7 +90,7 @@ def test_suggestion_finds_the_missing_ratio():
     # 64x16 boxes (w/h 4) at the test resolution, at P2 grid centres and half a stride
     # off; with only square anchors the best IoU is 512 / 1536 = 1/3 at best
     boxes = [[2 * (x - 32), 2 * (y - 8), 2 * (x + 32), 2 * (y + 8)] for x, y in ((40, 20), (42, 30), (38, 45))]
-    cfg = setup_cfg(DEMO_CONFIG, HALF + ["MODEL.FPN_RPN.ANCHOR_RATIOS", [[1.0]]])
+    cfg = setup_cfg(DEMO_CONFIG, HALF + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]])
     matches = match_gts_to_anchors(cfg, [_record(boxes)])
     assert matches.best_iou.max() <= 1 / 3 + 1e-6
     grid = AnchorGrid(cfg)
@@ -99,31 +99,24 @@ def test_suggestion_finds_the_missing_ratio():
     new_sizes, new_ratios = suggest_anchors(matches, grid.strides, grid.offset, sizes, ratios[0])
     after = match_gts_to_anchors(with_anchor_params(cfg, new_sizes, new_ratios), [_record(boxes)])
     assert (after.best_iou >= 0.7).all()
-    assert 2 < new_ratios[0] < 8  # wide anchors
+    assert 1 / 8 < new_ratios[0] < 1 / 2  # wide anchors: height / width about 1/4
 
 
 def test_config_lines_merge_into_a_config():
-    cfg = setup_cfg(DEMO_CONFIG)
-    lines = anchor_config_lines(cfg, [[16.5], [32], [64], [128], [256]], [3.0, 1.0, 0.5])
+    lines = anchor_config_lines([[16.5], [32], [64], [128], [256]], [0.333, 1.0, 2.0])
     assert lines == (
         "MODEL:\n"
         "  ANCHOR_GENERATOR:\n"
         "    SIZES: [[16.5], [32], [64], [128], [256]]\n"
-        "  FPN_RPN:\n"
-        "    ANCHOR_RATIOS: [[3, 1, 0.5]]  # width / height"
+        "    ASPECT_RATIOS: [[0.333, 1, 2]]  # height / width"
     )
-    merged = cfg.clone()
-    merged.defrost()
-    merged.merge_from_other_cfg(CfgNode.load_cfg(lines))
-    assert merged.MODEL.ANCHOR_GENERATOR.SIZES == [[16.5], [32], [64], [128], [256]]
-    assert merged.MODEL.FPN_RPN.ANCHOR_RATIOS == [[3, 1, 0.5]]
-
-    # Detectron2's generator takes height / width
-    stock = setup_cfg(str(REPO / "configs" / "demo" / "stock_rpn_R_18_GN_synthetic.yaml"))
-    assert anchor_config_lines(stock, [[32]], [2.0, 1.0, 0.5]).splitlines()[-1] == (
-        "    ASPECT_RATIOS: [[0.5, 1, 2]]  # height / width (DefaultAnchorGenerator)"
-    )
-    assert anchor_params(stock, 5)[1] == [[2.0, 1.0, 0.5]] * 5
+    # one key for both generators: Detectron2's ASPECT_RATIOS, height / width
+    for config in (DEMO_CONFIG, str(REPO / "configs" / "demo" / "stock_rpn_R_18_GN_synthetic.yaml")):
+        merged = setup_cfg(config).clone()
+        merged.defrost()
+        merged.merge_from_other_cfg(CfgNode.load_cfg(lines))
+        assert merged.MODEL.ANCHOR_GENERATOR.SIZES == [[16.5], [32], [64], [128], [256]]
+        assert anchor_params(merged, 5)[1] == [[0.333, 1, 2]] * 5
 
 
 def test_tool_writes_report(coco_mini, tmp_path):
@@ -135,7 +128,7 @@ def test_tool_writes_report(coco_mini, tmp_path):
             ["--config", DEMO_CONFIG, "--dataset", "coco_mini_val", "--max-images", "3", "--output-dir", str(tmp_path)]
         )
     text = out.getvalue()
-    assert "IoU>=0.7" in text and "ANCHOR_RATIOS" in text
+    assert "IoU>=0.7" in text and "ASPECT_RATIOS" in text
     # the suggestion starts from the config, so coverage never drops on this data
     score = [(m.best_iou >= 0.5).sum() + (m.best_iou >= 0.7).sum() for m in (matches, suggested)]
     assert score[1] >= score[0]

@@ -26,7 +26,7 @@ def _features(hw_per_level, channels=2):
 
 
 def test_num_anchors_is_hwk_per_level():
-    gen = FPNAnchorGenerator(sizes=[[32, 40], [64, 80], [128, 160]], ratios=[[2.0, 1.0, 0.5]],
+    gen = FPNAnchorGenerator(sizes=[[32, 40], [64, 80], [128, 160]], aspect_ratios=[[0.5, 1.0, 2.0]],
                              strides=[4, 8, 16])
     assert gen.num_anchors == [6, 6, 6]  # k = 2 sizes x 3 ratios
     anchors = gen(_features([(5, 7), (3, 4), (1, 2)]))
@@ -64,25 +64,26 @@ def test_num_anchors_is_hwk_per_level():
     ],
 )
 def test_anchors_on_1x2_grid(offset, expected):
-    gen = FPNAnchorGenerator(sizes=[[8]], ratios=[[4.0, 1.0, 0.25]], strides=[4], offset=offset)
+    gen = FPNAnchorGenerator(sizes=[[8]], aspect_ratios=[[0.25, 1.0, 4.0]], strides=[4], offset=offset)
     (anchors,) = gen(_features([(1, 2)]))  # H = 1, W = 2
     torch.testing.assert_close(anchors.tensor, torch.tensor(expected), rtol=0, atol=0)
 
 
-def test_cell_anchors_follow_width_over_height_ratio():
-    gen = FPNAnchorGenerator(sizes=[[32]], ratios=[[2.0, 1.0, 0.5]], strides=[4])
-    # 22.627417 == 32 * sqrt(2) / 2 and 11.313708 == 32 / sqrt(2) / 2: r = 2 is wide
+def test_cell_anchors_follow_height_over_width_ratio():
+    gen = FPNAnchorGenerator(sizes=[[32]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[4])
+    # w = s / sqrt(a), h = s * sqrt(a): 22.627417 == 32 / sqrt(0.5) / 2 and 11.313708 == 32 * sqrt(0.5) / 2,
+    # so a = 0.5 is wide
     expected = torch.tensor([
-        [-22.627417, -11.313708, 22.627417, 11.313708],  # r = 2: w = 45.25, h = 22.63
-        [-16.0, -16.0, 16.0, 16.0],  # r = 1: w = h = 32
-        [-11.313708, -22.627417, 11.313708, 22.627417],  # r = 0.5: w = 22.63, h = 45.25
+        [-22.627417, -11.313708, 22.627417, 11.313708],  # a = 0.5: w = 45.25, h = 22.63
+        [-16.0, -16.0, 16.0, 16.0],  # a = 1: w = h = 32
+        [-11.313708, -22.627417, 11.313708, 22.627417],  # a = 2: w = 22.63, h = 45.25
     ])
     (anchors,) = gen(_features([(1, 1)]))  # one location, centre (0, 0)
     torch.testing.assert_close(anchors.tensor, expected)
 
 
 def test_kwargs_offset_default_is_config_default():
-    gen = FPNAnchorGenerator(sizes=[[32]], ratios=[[1.0]], strides=[4])
+    gen = FPNAnchorGenerator(sizes=[[32]], aspect_ratios=[[1.0]], strides=[4])
     assert gen.offset == get_cfg().MODEL.ANCHOR_GENERATOR.OFFSET == 0.0
 
 
@@ -90,9 +91,8 @@ def test_kwargs_offset_default_is_config_default():
 def test_equals_detectron2_default_anchor_generator_via_cfg(offset):
     shapes = [ShapeSpec(channels=2, stride=s) for s in STRIDES]
     ours_cfg, d2_cfg = _cfg(offset=offset), _cfg("DefaultAnchorGenerator", offset)
-    # the defaults pair up: width / height [2, 1, 0.5] == 1 / (height / width [0.5, 1, 2])
-    assert ours_cfg.MODEL.FPN_RPN.ANCHOR_RATIOS == [[2.0, 1.0, 0.5]]
-    assert d2_cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[0.5, 1.0, 2.0]]
+    # one key for both: Detectron2's height / width default, the model zoo's anchor order
+    assert ours_cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == d2_cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[0.5, 1.0, 2.0]]
     ours = build_anchor_generator(ours_cfg, shapes)
     d2 = build_anchor_generator(d2_cfg, shapes)
     assert type(ours) is FPNAnchorGenerator and type(d2) is DefaultAnchorGenerator
@@ -102,11 +102,10 @@ def test_equals_detectron2_default_anchor_generator_via_cfg(offset):
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.5])
-@pytest.mark.parametrize("ratios", [[2.0, 1.0, 0.5], [4.0, 1.0, 0.25]])
+@pytest.mark.parametrize("ratios", [[0.5, 1.0, 2.0], [0.25, 1.0, 4.0]])
 def test_equals_detectron2_default_anchor_generator_via_kwargs(offset, ratios):
-    ours = FPNAnchorGenerator(sizes=SIZES, ratios=[ratios], strides=STRIDES, offset=offset)
-    d2 = DefaultAnchorGenerator(sizes=SIZES, aspect_ratios=[[1 / r for r in ratios]],
-                                strides=STRIDES, offset=offset)
+    ours = FPNAnchorGenerator(sizes=SIZES, aspect_ratios=[ratios], strides=STRIDES, offset=offset)
+    d2 = DefaultAnchorGenerator(sizes=SIZES, aspect_ratios=[ratios], strides=STRIDES, offset=offset)
     features = _features([(4, 7), (2, 4), (1, 2), (1, 1), (1, 1)])
     for ours_i, d2_i in zip(ours(features), d2(features)):
         torch.testing.assert_close(ours_i.tensor, d2_i.tensor, rtol=0, atol=0)
@@ -118,17 +117,16 @@ def test_equals_detectron2_default_anchor_generator_via_kwargs(offset, ratios):
         ("SIZES", [[32], [64]], "MODEL.ANCHOR_GENERATOR.SIZES has 2 lists but there are 5"),
         ("SIZES", [[32], [0], [128], [256], [512]], r"MODEL.ANCHOR_GENERATOR.SIZES\[1\]"),
         ("SIZES", [[-32]], r"MODEL.ANCHOR_GENERATOR.SIZES\[0\].*positive"),
-        ("SIZES", [[32], [64], [128], [256], [512, 600]], "MODEL.ANCHOR_GENERATOR.SIZES x MODEL.FPN_RPN"),
-        ("ANCHOR_RATIOS", [[]], r"MODEL.FPN_RPN.ANCHOR_RATIOS\[0\] is empty"),
-        ("ANCHOR_RATIOS", [], "MODEL.FPN_RPN.ANCHOR_RATIOS must be a non-empty list"),
-        ("ANCHOR_RATIOS", [[1.0, -2.0]], r"MODEL.FPN_RPN.ANCHOR_RATIOS\[0\].*positive"),
+        ("SIZES", [[32], [64], [128], [256], [512, 600]], "MODEL.ANCHOR_GENERATOR.SIZES x MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS"),
+        ("ASPECT_RATIOS", [[]], r"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS\[0\] is empty"),
+        ("ASPECT_RATIOS", [], "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS must be a non-empty list"),
+        ("ASPECT_RATIOS", [[1.0, -2.0]], r"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS\[0\].*positive"),
         ("OFFSET", 1.0, r"MODEL.ANCHOR_GENERATOR.OFFSET must be in \[0, 1\)"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_key(key, value, match):
     cfg = _cfg()
-    node = cfg.MODEL.FPN_RPN if key == "ANCHOR_RATIOS" else cfg.MODEL.ANCHOR_GENERATOR
-    setattr(node, key, value)
+    setattr(cfg.MODEL.ANCHOR_GENERATOR, key, value)
     with pytest.raises(ValueError, match=match):
         build_anchor_generator(cfg, [ShapeSpec(channels=2, stride=s) for s in STRIDES])
 
@@ -136,9 +134,9 @@ def test_bad_config_raises_value_error_naming_the_key(key, value, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(sizes=[[32], [64]], ratios=[[1.0]], strides=[4, 8, 16]), "sizes has 2 lists but there are 3"),
-        (dict(sizes=[[32]], ratios=[[]], strides=[4]), r"ratios\[0\] is empty"),
-        (dict(sizes=[[0.0]], ratios=[[1.0]], strides=[4]), r"sizes\[0\].*positive"),
+        (dict(sizes=[[32], [64]], aspect_ratios=[[1.0]], strides=[4, 8, 16]), "sizes has 2 lists but there are 3"),
+        (dict(sizes=[[32]], aspect_ratios=[[]], strides=[4]), r"ratios\[0\] is empty"),
+        (dict(sizes=[[0.0]], aspect_ratios=[[1.0]], strides=[4]), r"sizes\[0\].*positive"),
     ],
 )
 def test_bad_kwargs_raise_value_error(kwargs, match):

@@ -87,7 +87,7 @@ def test_hand_built_labels_and_matches():
 def _random_case(seed, num_images=4):
     """FPN anchors on 3 small levels and gts of all kinds: small, large, off-image, degenerate, none."""
     g = torch.Generator().manual_seed(seed)
-    gen = FPNAnchorGenerator(sizes=[[16, 24], [32, 48], [64, 96]], ratios=[[2.0, 1.0, 0.5]], strides=[4, 8, 16])
+    gen = FPNAnchorGenerator(sizes=[[16, 24], [32, 48], [64, 96]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[4, 8, 16])
     anchors = Boxes.cat(gen([torch.zeros(1, 1, 24, 20), torch.zeros(1, 1, 12, 10), torch.zeros(1, 1, 6, 5)]))
     gt_boxes = []
     for i in range(num_images):
@@ -221,7 +221,7 @@ STRIDES = [4, 8]
 
 
 def _generators():
-    ours = FPNAnchorGenerator(sizes=[[32], [64]], ratios=[[2.0, 1.0, 0.5]], strides=STRIDES)
+    ours = FPNAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=STRIDES)
     d2 = DefaultAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=STRIDES, offset=0.0)
     return ours, d2
 

@@ -95,7 +95,7 @@ def main(argv=None):
     if args.sizes_per_level:
         sizes = [[level[0] * 2 ** (j / args.sizes_per_level) for j in range(args.sizes_per_level)] for level in sizes]
     new_sizes, new_ratios = suggest_anchors(matches, grid.strides, grid.offset, sizes, ratios[0])
-    yaml = anchor_config_lines(cfg, new_sizes, new_ratios)
+    yaml = anchor_config_lines(new_sizes, new_ratios)
     new_cfg = with_anchor_params(cfg, new_sizes, new_ratios)
     suggested = match_gts_to_anchors(new_cfg, dataset_dicts, progress=True)
     print(f"\n## Suggested anchors (greedy search on {args.dataset})\n\n```yaml\n{yaml}\n```\n")

@@ -19,18 +19,12 @@ def add_fpn_rpn_config(cfg):
     """
     Add config for fpn_rpn. Call before ``merge_from_file()``.
 
-    Only keys Detectron2 lacks are added, under ``MODEL.FPN_RPN``. Sizes, offset,
+    Only keys Detectron2 lacks are added, under ``MODEL.FPN_RPN``. Sizes, aspect ratios, offset,
     IoU thresholds, sampling, top-K, NMS threshold, min size, loss type/weights and
     box-transform weights are Detectron2's own ``MODEL.ANCHOR_GENERATOR.*``,
     ``MODEL.RPN.*`` and ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE`` keys.
     """
     cfg.MODEL.FPN_RPN = CN()
-    # Anchor aspect ratios as width / height (w = s*sqrt(r), h = s/sqrt(r)), one list
-    # per level or one list for all levels. Read by FPNAnchorGenerator instead of
-    # MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS, which Detectron2 defines as height / width.
-    # Ratios 0.5, 1, 2 listed in Detectron2's anchor order (its height / width 0.5, 1, 2)
-    # so that model-zoo RPN weights keep their meaning.
-    cfg.MODEL.FPN_RPN.ANCHOR_RATIOS = [[2.0, 1.0, 0.5]]
     # "sigmoid": one logit per anchor (Detectron2, loads model-zoo RPN weights);
     # "softmax": two scores per anchor, background then object (Faster R-CNN's original).
     cfg.MODEL.FPN_RPN.OBJECTNESS = "sigmoid"

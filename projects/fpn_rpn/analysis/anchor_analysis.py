@@ -25,6 +25,7 @@ from detectron2.modeling import build_anchor_generator, build_backbone
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..modeling.anchor_generator import validate_anchor_params
 
 __all__ = [
@@ -229,39 +230,31 @@ def best_iou_closed_form(
 
 
 def anchor_params(cfg, num_levels: int) -> Tuple[List[List[float]], List[List[float]]]:
-    """Sizes and ratios (width / height) per level, from the config of either anchor generator."""
+    """Sizes and aspect ratios (height / width) per level, as both anchor generators read them."""
     name = cfg.MODEL.ANCHOR_GENERATOR.NAME
-    if name == "FPNAnchorGenerator":
-        ratios = cfg.MODEL.FPN_RPN.ANCHOR_RATIOS
-    elif name == "DefaultAnchorGenerator":
-        ratios = cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS  # height / width
-        ratios = [[1.0 / a for a in level] for level in ratios] if isinstance(ratios[0], (list, tuple)) else [
-            1.0 / a for a in ratios
-        ]
-    else:
-        raise ValueError(
-            f"Anchor suggestions support FPNAnchorGenerator and DefaultAnchorGenerator, not {name!r}"
+    if name not in ("FPNAnchorGenerator", "DefaultAnchorGenerator"):
+        raise ConfigError(
+            f"Anchor analysis supports FPNAnchorGenerator and DefaultAnchorGenerator, not {name!r}"
         )
-    return validate_anchor_params(cfg.MODEL.ANCHOR_GENERATOR.SIZES, ratios, num_levels, cfg.MODEL.ANCHOR_GENERATOR.OFFSET)
+    generator = cfg.MODEL.ANCHOR_GENERATOR
+    return validate_anchor_params(generator.SIZES, generator.ASPECT_RATIOS, num_levels, generator.OFFSET,
+                                  "MODEL.ANCHOR_GENERATOR.SIZES", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
 
 
 def with_anchor_params(cfg, sizes: List[List[float]], ratios: List[float]):
-    """A copy of ``cfg`` with these sizes per level and ratios (width / height) for all levels."""
+    """A copy of ``cfg`` with these sizes per level and aspect ratios (height / width) for all levels."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [list(map(float, s)) for s in sizes]
-    if cfg.MODEL.ANCHOR_GENERATOR.NAME == "FPNAnchorGenerator":
-        cfg.MODEL.FPN_RPN.ANCHOR_RATIOS = [list(map(float, ratios))]
-    else:
-        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0 / r for r in ratios]]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [list(map(float, ratios))]
     cfg.freeze()
     return cfg
 
 
 def _shapes(sizes: Sequence[float], ratios: Sequence[float]) -> np.ndarray:
-    """(len(sizes) * len(ratios), 2) widths, heights: w = s*sqrt(r), h = s/sqrt(r)."""
-    s, r = np.meshgrid(np.asarray(sizes, dtype=np.float64), np.asarray(ratios, dtype=np.float64), indexing="ij")
-    return np.stack([s * np.sqrt(r), s / np.sqrt(r)], axis=-1).reshape(-1, 2)
+    """(len(sizes) * len(ratios), 2) widths, heights: w = s/sqrt(a), h = s*sqrt(a) for a = h/w."""
+    s, a = np.meshgrid(np.asarray(sizes, dtype=np.float64), np.asarray(ratios, dtype=np.float64), indexing="ij")
+    return np.stack([s / np.sqrt(a), s * np.sqrt(a)], axis=-1).reshape(-1, 2)
 
 
 def _score(best: np.ndarray) -> Tuple[int, float]:
@@ -309,7 +302,7 @@ def suggest_anchors(
             :func:`match_gts_to_anchors`).
         strides, offset: of the anchor grid (:class:`AnchorGrid`).
         sizes: starting sizes, one list per level (same length on every level).
-        ratios: starting ratios (width / height), shared by all levels.
+        ratios: starting aspect ratios (height / width), shared by all levels.
 
     Returns:
         (sizes, ratios) in the same layout.
@@ -345,17 +338,12 @@ def suggest_anchors(
     return sizes, ratios
 
 
-def anchor_config_lines(cfg, sizes: List[List[float]], ratios: List[float]) -> str:
-    """YAML to paste into a config: the sizes, and the ratios in the generator's convention."""
+def anchor_config_lines(sizes: List[List[float]], ratios: List[float]) -> str:
+    """YAML to paste into a config: the sizes, and the aspect ratios (height / width)."""
     sizes_yaml = "[" + ", ".join("[" + ", ".join(f"{s:g}" for s in level) + "]" for level in sizes) + "]"
-    lines = ["MODEL:", "  ANCHOR_GENERATOR:", f"    SIZES: {sizes_yaml}"]
-    if cfg.MODEL.ANCHOR_GENERATOR.NAME == "FPNAnchorGenerator":
-        values = ", ".join(f"{r:g}" for r in ratios)
-        lines += ["  FPN_RPN:", f"    ANCHOR_RATIOS: [[{values}]]  # width / height"]
-    else:
-        values = ", ".join(f"{1 / r:.4g}" for r in ratios)
-        lines += [f"    ASPECT_RATIOS: [[{values}]]  # height / width (DefaultAnchorGenerator)"]
-    return "\n".join(lines)
+    values = ", ".join(f"{r:g}" for r in ratios)
+    return "\n".join(["MODEL:", "  ANCHOR_GENERATOR:", f"    SIZES: {sizes_yaml}",
+                      f"    ASPECT_RATIOS: [[{values}]]  # height / width"])
 
 
 def level_counts(matches: GtAnchorMatches) -> Dict[str, Dict[str, int]]:

@@ -34,7 +34,7 @@ def _per_level(values, num_levels: int, key: str) -> List[List[float]]:
 
 
 def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
-                           sizes_key: str = "sizes", ratios_key: str = "ratios"):
+                           sizes_key: str = "sizes", ratios_key: str = "aspect_ratios"):
     """Return (sizes, ratios) as one list per level; raise ConfigError (a ValueError) naming the bad key."""
     sizes = _per_level(sizes, num_levels, sizes_key)
     ratios = _per_level(ratios, num_levels, ratios_key)
@@ -68,12 +68,13 @@ def _quiet_meshgrid():
 class FPNAnchorGenerator(DefaultAnchorGenerator):
     """
     Anchors for FPN levels P2-P6: by default one size per level (32 ... 512 px) and
-    aspect ratios r = width / height, so anchor k at a location has
-    ``w = s * sqrt(r)`` and ``h = s / sqrt(r)`` (area s^2).
+    Detectron2's aspect ratios a = height / width, so the anchor of size s and ratio a
+    has ``w = s / sqrt(a)`` and ``h = s * sqrt(a)`` (area s^2); equivalently
+    ``w = s * sqrt(r)``, ``h = s / sqrt(r)`` for r = width / height = 1 / a.
 
-    Detectron2's DefaultAnchorGenerator uses ratios a = height / width; configured
-    with ``ratios = [1 / a for a in aspect_ratios]`` and the same sizes, strides and
-    offset, this class yields exactly its anchors, in the same order.
+    Its anchors are exactly those of Detectron2's DefaultAnchorGenerator with the same
+    arguments, in the same order, so model-zoo RPN weights keep their meaning; it adds
+    checks of the arguments and a cache.
 
     Anchors depend only on the feature-map size, so they are computed once per level,
     size, device and dtype and then reused (the last :attr:`CACHE_SIZE` of them). The
@@ -85,27 +86,19 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
     CACHE_SIZE = 40  # (level, size) entries: 8 input sizes x 5 levels
 
     @configurable
-    def __init__(self, *, sizes, ratios, strides, offset: float = 0.0):
+    def __init__(self, *, sizes, aspect_ratios, strides, offset: float = 0.0):
         """
         Args:
             sizes (list[list[float]] or list[float]): anchor sizes (sqrt of area, input
                 pixels) per level, or one list for all levels.
-            ratios (list[list[float]] or list[float]): aspect ratios width / height, per
-                level or one list for all levels.
+            aspect_ratios (list[list[float]] or list[float]): height / width, per level or
+                one list for all levels (Detectron2's convention).
             strides (list[int]): stride of each input feature map.
             offset (float): anchor centres are at ``(i + offset) * stride``; 0.0 is
                 Detectron2's config default, 0.5 centres anchors in their cell.
         """
-        sizes, ratios = validate_anchor_params(sizes, ratios, len(strides), offset)
-        # The parent's cell anchors take a = height / width: w = sqrt(s^2 / a) and
-        # h = a * w, which is w = s * sqrt(r), h = s / sqrt(r) for r = 1 / a.
-        super().__init__(
-            sizes=sizes,
-            aspect_ratios=[[1.0 / r for r in level] for level in ratios],
-            strides=strides,
-            offset=offset,
-        )
-        self.ratios = ratios
+        sizes, aspect_ratios = validate_anchor_params(sizes, aspect_ratios, len(strides), offset)
+        super().__init__(sizes=sizes, aspect_ratios=aspect_ratios, strides=strides, offset=offset)
         self._anchor_cache = OrderedDict()
 
     def _apply(self, fn, *args, **kwargs):
@@ -133,17 +126,17 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         num_levels = len(input_shape)
-        sizes, ratios = validate_anchor_params(
+        sizes, aspect_ratios = validate_anchor_params(
             cfg.MODEL.ANCHOR_GENERATOR.SIZES,
-            cfg.MODEL.FPN_RPN.ANCHOR_RATIOS,
+            cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
             num_levels,
             cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
             sizes_key="MODEL.ANCHOR_GENERATOR.SIZES",
-            ratios_key="MODEL.FPN_RPN.ANCHOR_RATIOS",
+            ratios_key="MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
         )
         return {
             "sizes": sizes,
-            "ratios": ratios,
+            "aspect_ratios": aspect_ratios,
             "strides": [x.stride for x in input_shape],
             "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
         }
