@@ -1,24 +1,20 @@
-"""Batched anchor matching and sampling against Detectron2's per-image path, and the other
-speed-ups of the RPN (anchor cache, sparse head backward, top-K, early-stopping NMS): each
-must give Detectron2's result."""
+"""Batched anchor matching and sampling against Detectron2's per-image path: each must give
+Detectron2's result."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator import build_proposal_generator
-from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
+from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
-from torchvision.ops import nms
 
-from fpn_rpn import FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
+from fpn_rpn import FPNAnchorGenerator, add_fpn_rpn_config
 from fpn_rpn.modeling import anchor_matching
 from fpn_rpn.modeling.anchor_matching import label_anchors, match_and_sample
-from fpn_rpn.modeling.proposal_selection import nms_first_k, top_k_scores
 
 MATCHER = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)  # RPN's defaults
 
@@ -213,214 +209,3 @@ def test_losses_and_their_gradients_equal_detectron2(loss_type, beta):
         torch.testing.assert_close(ours[key], d2[key], rtol=0, atol=0)
     for ours_grad, d2_grad in zip(our_grads, d2_grads):
         torch.testing.assert_close(ours_grad, d2_grad, rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------- anchor cache
-
-STRIDES = [4, 8]
-
-
-def _generators():
-    ours = FPNAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=STRIDES)
-    d2 = DefaultAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=STRIDES, offset=0.0)
-    return ours, d2
-
-
-def _maps(h, w, dtype=torch.float32):
-    return [torch.zeros(1, 1, h, w, dtype=dtype), torch.zeros(1, 1, -(-h // 2), -(-w // 2), dtype=dtype)]
-
-
-def test_cached_anchors_are_reused_and_equal_fresh_ones():
-    ours, d2 = _generators()
-    first = ours(_maps(5, 7))
-    second = ours(_maps(5, 7))
-    assert all(a.tensor is b.tensor for a, b in zip(first, second))
-    for size in ((5, 7), (6, 3), (5, 7)):
-        for a, b in zip(ours(_maps(*size)), d2(_maps(*size))):
-            torch.testing.assert_close(a.tensor, b.tensor, rtol=0, atol=0)
-    assert len(ours._anchor_cache) == 4  # 2 sizes x 2 levels
-    assert ours.state_dict() == {}  # the cache is not saved, nor are the cell anchors
-
-
-def test_cache_is_bounded_and_emptied_when_the_module_moves():
-    ours, d2 = _generators()
-    ours.CACHE_SIZE = 4
-    for h in range(1, 6):
-        ours(_maps(h, 4))
-    assert len(ours._anchor_cache) == 4
-    assert {key[1] for key in ours._anchor_cache} == {4, 5, 2, 3}  # the last 2 sizes: (4, 4) and (5, 4)
-    ours.double()
-    assert len(ours._anchor_cache) == 0
-    for a, b in zip(ours(_maps(5, 4)), d2(_maps(5, 4))):
-        torch.testing.assert_close(a.tensor, b.tensor, rtol=0, atol=0)  # Boxes are float32
-    assert [key[4] for key in ours._anchor_cache] == [torch.float64] * 2
-
-
-def test_anchors_made_under_inference_mode_work_in_training():
-    ours, _ = _generators()
-    with torch.inference_mode():
-        (anchors, _) = ours(_maps(3, 3))
-    assert not anchors.tensor.is_inference()
-    w = torch.ones(4, requires_grad=True)
-    (anchors.tensor * w).sum().backward()  # saves the anchors for backward
-    torch.testing.assert_close(w.grad, anchors.tensor.sum(dim=0))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cache_follows_the_module_to_cuda():
-    ours, d2 = _generators()
-    ours(_maps(4, 4))
-    ours.cuda()
-    anchors = ours([x.cuda() for x in _maps(4, 4)])
-    assert all(a.tensor.is_cuda for a in anchors)
-    for a, b in zip(anchors, d2(_maps(4, 4))):
-        torch.testing.assert_close(a.tensor.cpu(), b.tensor, rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------- sparse head backward
-
-A = 3
-
-
-def _heads(objectness):
-    g = torch.Generator().manual_seed(0)
-    ours = FPNRPNHead(in_channels=C, num_anchors=A, objectness=objectness)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return ours
-
-
-def _reference(head, features):
-    """The head's outputs through its submodules: plain autograd, no custom backward."""
-    scores, deltas = [], []
-    for x in features:
-        t = head.conv(x)
-        s = head.objectness_logits(t)
-        if head.objectness == "softmax":
-            background, obj = s.chunk(2, dim=1)
-            s = obj - background
-        scores.append(s)
-        deltas.append(head.anchor_deltas(t))
-    return scores, deltas
-
-
-@pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("density", [0.003, 0.5])  # sparse backward; dense fallback
-def test_head_gradients_equal_plain_autograd(objectness, density):
-    head = _heads(objectness)
-    g = torch.Generator().manual_seed(1)
-    features = [torch.randn(2, C, h, w, generator=g) for h, w in ((24, 20), (12, 10), (1, 2))]
-    grads = []
-    for forward in (head, lambda f: _reference(head, f)):
-        head.zero_grad()
-        inputs = [x.clone().requires_grad_() for x in features]
-        scores, deltas = forward(inputs)
-        if forward is head:
-            assert "_RPNHeadFunction" in type(deltas[0].grad_fn).__name__
-        g = torch.Generator().manual_seed(2)
-        # gradient at a few anchors, as the losses give
-        upstream = [torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < density)
-                    for x in scores + deltas]
-        torch.autograd.backward(scores + deltas, upstream)
-        grads.append([p.grad for p in head.parameters()] + [x.grad for x in inputs] + scores + deltas)
-    for ours, reference in zip(*grads):
-        if density > 0.1:  # dense fallback: autograd's own kernels
-            torch.testing.assert_close(ours, reference, rtol=0, atol=0)
-        else:  # sums over the sampled locations only: equal up to float rounding
-            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
-
-
-def test_dense_backward_option_equals_standard_rpn_head_bit_for_bit():
-    head = _heads("sigmoid")
-    head.sparse_backward = False  # MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD: False
-    stock = StandardRPNHead(in_channels=C, num_anchors=A)
-    stock.load_state_dict(head.state_dict())
-    features = [torch.randn(2, C, 24, 20), torch.randn(2, C, 12, 10)]
-    grads = []
-    for module in (head, stock):
-        module.zero_grad()
-        inputs = [x.clone().requires_grad_() for x in features]
-        scores, deltas = module(inputs)
-        g = torch.Generator().manual_seed(2)
-        upstream = [torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < 0.003)
-                    for x in scores + deltas]
-        torch.autograd.backward(scores + deltas, upstream)
-        grads.append([p.grad for p in module.parameters()] + [x.grad for x in inputs])
-    for ours, reference in zip(*grads):
-        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
-
-
-def test_head_outputs_equal_standard_rpn_head_with_and_without_grad():
-    head = _heads("sigmoid")
-    stock = StandardRPNHead(in_channels=C, num_anchors=A)
-    stock.load_state_dict(head.state_dict())
-    features = [torch.randn(2, C, 9, 7), torch.randn(2, C, 5, 4)]
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            for ours, reference in zip(head(features), stock(features)):
-                for x, y in zip(ours, reference):
-                    torch.testing.assert_close(x, y, rtol=0, atol=0)
-
-
-def test_head_without_input_gradient_and_with_unused_output():
-    head = _heads("sigmoid")
-    features = [torch.randn(1, C, 6, 6)]  # not requiring grad, as after a frozen backbone
-    scores, _ = head(features)
-    (scores[0][0, 0, 2, 3] * 2.0).backward()
-    reference = _heads("sigmoid")
-    reference_scores, _ = _reference(reference, features)
-    (reference_scores[0][0, 0, 2, 3] * 2.0).backward()
-    for p, q in zip(head.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- top-K and NMS
-
-
-def test_top_k_scores_equal_a_stable_sort_with_ties():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 6, (3, 200), generator=g).float()  # ties everywhere, also at the k-th place
-    scores[1] = torch.randn(200, generator=g)  # and a row without ties
-    for k in (1, 17, 199, 200, 300):
-        values, indices = top_k_scores(scores, k)
-        sorted_values, sorted_indices = scores.sort(dim=1, descending=True, stable=True)
-        torch.testing.assert_close(values, sorted_values[:, :k], rtol=0, atol=0)
-        torch.testing.assert_close(indices, sorted_indices[:, :k], rtol=0, atol=0)
-    untied = torch.randn(2, 500, generator=g)  # the topk path: no tie at the k-th place
-    values, indices = top_k_scores(untied, 50)
-    torch.testing.assert_close(indices, untied.sort(dim=1, descending=True, stable=True).indices[:, :50],
-                               rtol=0, atol=0)
-
-
-def _clustered_boxes(num_images, per_image, spread, seed):
-    """Boxes jittered around a few centres: the smaller ``spread``, the more NMS removes."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(num_images, 20, 2, generator=g) * 200
-    pick = torch.randint(0, 20, (num_images, per_image), generator=g)
-    ctr = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(num_images, per_image, 2,
-                                                                               generator=g) * spread
-    wh = 20 + torch.rand(num_images, per_image, 2, generator=g) * 10
-    return torch.cat((ctr - wh / 2, ctr + wh / 2), dim=2).reshape(-1, 4)
-
-
-@pytest.mark.parametrize("spread", [1.0, 30.0])  # most boxes suppressed; few suppressed
-@pytest.mark.parametrize("per_level", [False, True])
-def test_nms_first_k_equals_full_nms_cut_to_k(spread, per_level):
-    num_images, per_image = 3, 700  # 2100 boxes: NMS groups run on threads
-    boxes = _clustered_boxes(num_images, per_image, spread, seed=int(spread))
-    image_ids = torch.arange(num_images).repeat_interleave(per_image)
-    levels = torch.arange(per_image).remainder(3).repeat(num_images)
-    groups = image_ids * 3 + levels if per_level else image_ids
-    keys = -torch.arange(len(boxes), dtype=torch.float32)  # priority: index order
-    full = []
-    for group in groups.unique():
-        idx = (groups == group).nonzero().squeeze(1)
-        full.append(idx[nms(boxes[idx], keys[idx], 0.7)])
-    full = torch.cat(full).sort().values
-    for k in (1, 10, 60, 150, 400):
-        for first_prefix in (0, 2, 50):  # several rounds when the first prefix is small
-            kept = nms_first_k(boxes, image_ids, groups, num_images, k, 0.7, first_prefix=first_prefix)
-            expected = torch.cat([full[image_ids[full] == i][:k] for i in range(num_images)])
-            torch.testing.assert_close(kept, expected, rtol=0, atol=0)
-    assert 0 < len(full) < len(boxes)

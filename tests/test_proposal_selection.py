@@ -6,16 +6,27 @@ import pytest
 import torch
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.structures import pairwise_iou
+from torchvision.ops import nms
 
-from fpn_rpn.modeling.proposal_selection import find_top_proposals
+from fpn_rpn.modeling.proposal_selection import nms_first_k, select_proposals, top_k_proposals_per_level, top_k_scores
 
 NMS_THRESH = 0.7
 
 
+class _ProposalsAsDeltas:
+    """Stands in for Box2BoxTransform: the "deltas" given are the decoded proposals themselves."""
+
+    def apply_deltas(self, deltas, boxes):
+        return deltas
+
+
 def _top(proposals, logits, image_sizes, pre=1000, post=1000, min_size=0.0, training=False,
          per_level=False, score_thresh=0.0, nms_thresh=NMS_THRESH):
-    return find_top_proposals(proposals, logits, image_sizes, nms_thresh, pre, post, min_size,
-                              training, per_level_nms=per_level, score_thresh=score_thresh)
+    """FPNRPN's selection (per-level top-K, then filter, NMS and top-K) of L levels of proposals (N, Ri, 4)."""
+    anchors = [torch.zeros(p.shape[1], 4) for p in proposals]  # unused: the proposals are given decoded
+    boxes, scores, levels = top_k_proposals_per_level(anchors, proposals, logits, pre, _ProposalsAsDeltas())
+    return select_proposals(boxes, scores, levels, image_sizes, nms_thresh, post, min_size, training,
+                            per_level_nms=per_level, score_thresh=score_thresh)
 
 
 def _far_apart_boxes(num, offset=0.0):
@@ -141,8 +152,9 @@ def test_per_level_mode_equals_detectron2_find_top_rpn_proposals(training):
         wh = torch.rand(2, num, 2, generator=g) * 60
         proposals.append(torch.cat((xy, xy + wh), dim=2))
         logits.append(torch.randn(2, num, generator=g))
-    args = (proposals, logits, image_sizes, NMS_THRESH, 500, 300, 2.0, training)
-    for ours, d2 in zip(find_top_proposals(*args, per_level_nms=True), find_top_rpn_proposals(*args)):
+    ours = _top(proposals, logits, image_sizes, pre=500, post=300, min_size=2.0, training=training, per_level=True)
+    d2 = find_top_rpn_proposals(proposals, logits, image_sizes, NMS_THRESH, 500, 300, 2.0, training)
+    for ours, d2 in zip(ours, d2):
         assert len(ours) == len(d2) == 300
         torch.testing.assert_close(ours.proposal_boxes.tensor, d2.proposal_boxes.tensor, rtol=0, atol=0)
         torch.testing.assert_close(ours.objectness_logits, d2.objectness_logits, rtol=0, atol=0)
@@ -157,3 +169,53 @@ def test_results_are_sorted_by_score_and_inside_the_image():
         assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= w
         assert boxes[:, 1::2].min() >= 0 and boxes[:, 1::2].max() <= h
 
+
+# ---------------------------------------------------------------- top-K and NMS
+
+
+def test_top_k_scores_equal_a_stable_sort_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (3, 200), generator=g).float()  # ties everywhere, also at the k-th place
+    scores[1] = torch.randn(200, generator=g)  # and a row without ties
+    for k in (1, 17, 199, 200, 300):
+        values, indices = top_k_scores(scores, k)
+        sorted_values, sorted_indices = scores.sort(dim=1, descending=True, stable=True)
+        torch.testing.assert_close(values, sorted_values[:, :k], rtol=0, atol=0)
+        torch.testing.assert_close(indices, sorted_indices[:, :k], rtol=0, atol=0)
+    untied = torch.randn(2, 500, generator=g)  # the topk path: no tie at the k-th place
+    values, indices = top_k_scores(untied, 50)
+    torch.testing.assert_close(indices, untied.sort(dim=1, descending=True, stable=True).indices[:, :50],
+                               rtol=0, atol=0)
+
+
+def _clustered_boxes(num_images, per_image, spread, seed):
+    """Boxes jittered around a few centres: the smaller ``spread``, the more NMS removes."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(num_images, 20, 2, generator=g) * 200
+    pick = torch.randint(0, 20, (num_images, per_image), generator=g)
+    ctr = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(num_images, per_image, 2,
+                                                                               generator=g) * spread
+    wh = 20 + torch.rand(num_images, per_image, 2, generator=g) * 10
+    return torch.cat((ctr - wh / 2, ctr + wh / 2), dim=2).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])  # most boxes suppressed; few suppressed
+@pytest.mark.parametrize("per_level", [False, True])
+def test_nms_first_k_equals_full_nms_cut_to_k(spread, per_level):
+    num_images, per_image = 3, 700  # 2100 boxes: NMS groups run on threads
+    boxes = _clustered_boxes(num_images, per_image, spread, seed=int(spread))
+    image_ids = torch.arange(num_images).repeat_interleave(per_image)
+    levels = torch.arange(per_image).remainder(3).repeat(num_images)
+    groups = image_ids * 3 + levels if per_level else image_ids
+    keys = -torch.arange(len(boxes), dtype=torch.float32)  # priority: index order
+    full = []
+    for group in groups.unique():
+        idx = (groups == group).nonzero().squeeze(1)
+        full.append(idx[nms(boxes[idx], keys[idx], 0.7)])
+    full = torch.cat(full).sort().values
+    for k in (1, 10, 60, 150, 400):
+        for first_prefix in (0, 2, 50):  # several rounds when the first prefix is small
+            kept = nms_first_k(boxes, image_ids, groups, num_images, k, 0.7, first_prefix=first_prefix)
+            expected = torch.cat([full[image_ids[full] == i][:k] for i in range(num_images)])
+            torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    assert 0 < len(full) < len(boxes)

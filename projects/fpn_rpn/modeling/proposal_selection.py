@@ -29,9 +29,7 @@ from torchvision.ops import nms
 _THREADED_NMS_MIN_BOXES = 2000
 
 __all__ = [
-    "find_top_proposals",
     "select_proposals",
-    "select_top_k_per_level",
     "top_k_proposals_per_level",
     "top_k_scores",
     "nms_first_k",
@@ -60,29 +58,6 @@ def top_k_scores(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tens
     return values[:, :k], indices[:, :k]
 
 
-def select_top_k_per_level(
-    proposals: List[torch.Tensor], pred_objectness_logits: List[torch.Tensor], pre_nms_topk: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    Keep the ``pre_nms_topk`` highest-scoring proposals of each level and image.
-
-    Args:
-        proposals: L tensors (N, Hi*Wi*A, 4).
-        pred_objectness_logits: L tensors (N, Hi*Wi*A).
-
-    Returns:
-        boxes (N, K, 4), scores (N, K) and level ids (K,), with K = sum_i min(Hi*Wi*A, topk).
-    """
-    batch_idx = torch.arange(proposals[0].shape[0], device=proposals[0].device)[:, None]
-    boxes, scores, levels = [], [], []
-    for level_id, (proposals_i, logits_i) in enumerate(zip(proposals, pred_objectness_logits)):
-        scores_i, idx = top_k_scores(logits_i, pre_nms_topk)
-        scores.append(scores_i)
-        boxes.append(proposals_i[batch_idx, idx])  # (N, k, 4)
-        levels.append(torch.full((idx.shape[1],), level_id, dtype=torch.int64, device=idx.device))
-    return cat(boxes, dim=1), cat(scores, dim=1), cat(levels, dim=0)
-
-
 def top_k_proposals_per_level(
     anchors: List[torch.Tensor],
     pred_anchor_deltas: List[torch.Tensor],
@@ -91,8 +66,9 @@ def top_k_proposals_per_level(
     box2box_transform,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    :func:`select_top_k_per_level` of the decoded proposals, decoding only the anchors
-    kept: the boxes are the same, as decoding works box by box.
+    The ``pre_nms_topk`` highest-scoring proposals of each level and image, decoding only
+    the anchors kept: the boxes are those of decoding every anchor and then selecting, as
+    decoding works box by box.
 
     Args:
         anchors: L tensors (Hi*Wi*A, 4).
@@ -101,7 +77,7 @@ def top_k_proposals_per_level(
         box2box_transform: a ``Box2BoxTransform``.
 
     Returns:
-        boxes (N, K, 4), scores (N, K) and level ids (K,), as :func:`select_top_k_per_level`.
+        boxes (N, K, 4), scores (N, K) and level ids (K,), with K = sum_i min(Hi*Wi*A, pre_nms_topk).
     """
     num_images = pred_anchor_deltas[0].shape[0]
     batch_idx = torch.arange(num_images, device=pred_anchor_deltas[0].device)[:, None]
@@ -235,8 +211,18 @@ def select_proposals(
 
     Args:
         boxes (N, K, 4), scores (N, K), levels (K,): per-level top-K proposals, as
-            :func:`select_top_k_per_level` returns them.
-        Others: see :func:`find_top_proposals`.
+            :func:`top_k_proposals_per_level` returns them.
+        image_sizes: (h, w) of each image.
+        nms_thresh: IoU above which the lower-scoring box is suppressed.
+        post_nms_topk: proposals kept per image after NMS.
+        min_box_size: boxes with a side <= this (input pixels) are dropped.
+        training: in training, non-finite boxes or scores raise FloatingPointError
+            (training has diverged); at inference they are dropped.
+        per_level_nms: NMS within each level (Detectron2) instead of across levels.
+        score_thresh: in [0, 1); boxes with objectness probability below it are dropped.
+
+    Returns:
+        N Instances with ``proposal_boxes`` and ``objectness_logits``, sorted by score.
     """
     num_images, k = scores.shape
     device = boxes.device
@@ -281,37 +267,3 @@ def select_proposals(
         res.objectness_logits = scores_i
         results.append(res)
     return results
-
-
-def find_top_proposals(
-    proposals: List[torch.Tensor],
-    pred_objectness_logits: List[torch.Tensor],
-    image_sizes: List[Tuple[int, int]],
-    nms_thresh: float,
-    pre_nms_topk: int,
-    post_nms_topk: int,
-    min_box_size: float,
-    training: bool,
-    per_level_nms: bool = False,
-    score_thresh: float = 0.0,
-) -> List[Instances]:
-    """
-    Args:
-        proposals: L tensors (N, Hi*Wi*A, 4), decoded boxes.
-        pred_objectness_logits: L tensors (N, Hi*Wi*A).
-        image_sizes: (h, w) of each image.
-        nms_thresh: IoU above which the lower-scoring box is suppressed.
-        pre_nms_topk: proposals kept per level and image before NMS.
-        post_nms_topk: proposals kept per image after NMS.
-        min_box_size: boxes with a side <= this (input pixels) are dropped.
-        training: in training, non-finite boxes or scores raise FloatingPointError
-            (training has diverged); at inference they are dropped.
-        per_level_nms: NMS within each level (Detectron2) instead of across levels.
-        score_thresh: in [0, 1); boxes with objectness probability below it are dropped.
-
-    Returns:
-        N Instances with ``proposal_boxes`` and ``objectness_logits``, sorted by score.
-    """
-    boxes, scores, levels = select_top_k_per_level(proposals, pred_objectness_logits, pre_nms_topk)
-    return select_proposals(boxes, scores, levels, image_sizes, nms_thresh, post_nms_topk, min_box_size,
-                            training, per_level_nms=per_level_nms, score_thresh=score_thresh)
