@@ -1,0 +1,177 @@
+"""Several post-processings of one trained RPN from one network pass per image.
+
+NMS mode, NMS threshold, top-K, score threshold and min size act after the RPN head, so
+variants of one set of weights differ only there. :func:`run_postprocessing_variants`
+runs the backbone and head once per image (Detectron2's own forward, up to
+``predict_proposals``), keeps the head outputs, and gives them to the
+``predict_proposals`` of one proposal generator per variant, each built from the
+variant's config with the same weights: what each variant returns is exactly what the
+model built from its config returns (tests check this).
+
+It also counts near-duplicates: pairs of kept proposals of an image with IoU above the
+variant's NMS threshold. Cross-level NMS leaves none; per-level NMS leaves none inside
+a level, so every pair it leaves joins two levels.
+"""
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch import ProposalNetwork
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.proposal_generator import build_proposal_generator
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from tqdm import tqdm
+
+from ..engine.checkpoint import CheckedCheckpointer
+from ..errors import ConfigError
+
+__all__ = [
+    "POSTPROCESSING_KEYS",
+    "count_duplicates",
+    "network_key",
+    "proposals_of",
+    "run_postprocessing_variants",
+]
+
+# The config keys that act after the RPN head at inference.
+POSTPROCESSING_KEYS = (
+    "MODEL.FPN_RPN.NMS_MODE",
+    "MODEL.FPN_RPN.SCORE_THRESH_TEST",
+    "MODEL.RPN.NMS_THRESH",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
+)
+
+
+def network_key(cfg) -> str:
+    """The config with the post-processing keys blanked: equal keys mean one network."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key in POSTPROCESSING_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node.get(name)
+            if node is None:
+                break
+        else:
+            node.pop(leaf, None)
+    return cfg.dump()
+
+
+def proposals_of(instances: Instances) -> Dict[str, np.ndarray]:
+    """An image's proposals as arrays: "boxes" (R, 4) float32 XYXY and "scores" (R,) float32."""
+    instances = instances.to("cpu")
+    return {
+        "boxes": instances.proposal_boxes.tensor.detach().float().numpy(),
+        "scores": instances.objectness_logits.detach().float().numpy(),
+    }
+
+
+def count_duplicates(boxes: torch.Tensor, iou_thresh: float) -> int:
+    """Pairs of ``boxes`` (R, 4) XYXY with IoU above ``iou_thresh``."""
+    if len(boxes) < 2:
+        return 0
+    iou = pairwise_iou(Boxes(boxes), Boxes(boxes))
+    return int((iou > iou_thresh).triu(diagonal=1).sum())
+
+
+def _load_model(cfg, random_init: bool):
+    """
+    The model of ``cfg`` in eval mode. Its weights are loaded as ``train_net.py
+    --eval-only`` loads them: every parameter must be in the file
+    (:class:`CheckedCheckpointer`), so an untrained model is never evaluated by mistake.
+    ``random_init`` keeps Detectron2's random initialisation (seed 0) instead, for a
+    deliberate untrained baseline. Any meta-architecture with ``preprocess_image``,
+    ``backbone`` and ``proposal_generator`` (ProposalNetwork, GeneralizedRCNN) is run up
+    to its proposals.
+    """
+    torch.manual_seed(0)  # the initialisation random_init keeps
+    model = build_model(cfg)
+    model.eval()
+    if not isinstance(model, ProposalNetwork) and not all(
+        hasattr(model, a) for a in ("preprocess_image", "backbone", "proposal_generator")
+    ):
+        raise ConfigError(
+            f"{type(model).__name__} has no proposal generator to run "
+            "(expected a ProposalNetwork or a GeneralizedRCNN-like model)"
+        )
+    if not random_init:
+        # only the parts that make proposals need weights (a detector's box head may lack them)
+        used = torch.nn.Module()
+        used.backbone, used.proposal_generator = model.backbone, model.proposal_generator
+        CheckedCheckpointer(used, require_all=True).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+def _head_outputs(model, inputs) -> tuple:
+    """
+    The arguments Detectron2's RPN forward passes to ``predict_proposals`` (anchors,
+    objectness logits, anchor deltas, image sizes) for ``inputs``.
+    """
+    generator = model.proposal_generator
+    captured = {}
+
+    def capture(*args):
+        captured["args"] = args
+        return [] if isinstance(model, ProposalNetwork) else [None] * len(inputs)
+
+    generator.predict_proposals = capture  # this instance only, removed below
+    try:
+        if isinstance(model, ProposalNetwork):
+            model(inputs)  # its forward preprocesses (v0.6's has no preprocess_image)
+        else:
+            images = model.preprocess_image(inputs)
+            generator(images, model.backbone(images.tensor), None)
+    finally:
+        del generator.predict_proposals
+    return captured["args"]
+
+
+def run_postprocessing_variants(
+    cfgs: Sequence, dataset_dicts: Sequence[dict], progress: bool = False, random_init: bool = False
+) -> List[Tuple[Dict[Any, Dict[str, np.ndarray]], float, np.ndarray]]:
+    """
+    Proposals of every config of ``cfgs`` (one network, one set of weights: equal
+    :func:`network_key` and ``MODEL.WEIGHTS``) for each image.
+
+    Returns:
+        for each config: image_id -> {"boxes", "scores"} in original image coordinates;
+        seconds per image (the shared network pass plus the variant's post-processing);
+        near-duplicate pairs per image (in the order of ``dataset_dicts``).
+    """
+    cfgs = list(cfgs)
+    keys = {(network_key(cfg), cfg.MODEL.WEIGHTS) for cfg in cfgs}
+    if len(keys) != 1:
+        raise ValueError("post-processing variants must share the network config and weights")
+    model = _load_model(cfgs[0], random_init)
+    shapes = model.backbone.output_shape()
+    generators = []
+    for cfg in cfgs:
+        generator = build_proposal_generator(cfg, shapes).to(model.device).eval()
+        generator.load_state_dict(model.proposal_generator.state_dict())
+        generators.append(generator)
+    mapper = DatasetMapper(cfgs[0], is_train=False)
+    proposals = [{} for _ in cfgs]
+    duplicates = np.zeros((len(cfgs), len(dataset_dicts)), dtype=np.int64)
+    seconds = np.zeros(len(cfgs))
+    for i, record in enumerate(tqdm(dataset_dicts, desc="proposals", unit="img", disable=not progress)):
+        inputs = [mapper(record)]
+        start = time.perf_counter()
+        with torch.no_grad():
+            args = _head_outputs(model, inputs)
+        seconds += time.perf_counter() - start
+        for v, generator in enumerate(generators):
+            start = time.perf_counter()
+            with torch.no_grad():
+                found = generator.predict_proposals(*args)[0]
+                instances = detector_postprocess(found, inputs[0]["height"], inputs[0]["width"])
+            seconds[v] += time.perf_counter() - start
+            duplicates[v, i] = count_duplicates(found.proposal_boxes.tensor, generator.nms_thresh)
+            proposals[v][record["image_id"]] = proposals_of(instances)
+    seconds /= max(len(dataset_dicts), 1)
+    return [(proposals[v], float(seconds[v]), duplicates[v]) for v in range(len(cfgs))]
