@@ -13,11 +13,12 @@ import shutil
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from PIL import Image
+from PIL import ExifTags, Image
 
 from conftest import REPO, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
@@ -388,3 +389,30 @@ def test_unreadable_image_in_a_dataloader_worker(image_root, tmp_path, catalogs)
     line = train_net.error_line(info.value)
     assert re.fullmatch(f"{re.escape(str(path))}: image id 10764: cannot be used \\(UnidentifiedImageError: .*\\)",
                         line), line
+
+
+def test_exif_rotated_image_names_the_likely_cause(image_root, tmp_path):
+    # a photo stored 640 x 424 with EXIF orientation 6 (turn 90 degrees clockwise), its record
+    # giving the stored size: Detectron2 applies the orientation when reading, and gets 424 x 640
+    path = image_root / "000000010764.jpg"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    with Image.open(path) as image:
+        image.save(path, exif=exif)
+    records = load_checked_coco_json(_write(tmp_path / "ann.json"), image_root)
+    record = next(r for r in records if r["image_id"] == 10764)
+    _raises(f"^{re.escape(str(path))}: image id 10764: cannot be used \\(SizeMismatchError: .*got \\(424, 640\\), "
+            r"expect \(640, 424\).*\); likely cause: its EXIF orientation \(6\) rotates it by 90 degrees when read, "
+            "and the record has the size of the unrotated pixels: give the record the rotated width and height",
+            CheckedDatasetMapper(_cfg(), is_train=True), record)
+    # an image of another size without EXIF orientation gets no such hint
+    _corrupt(image_root, "wrong size")
+    assert "EXIF" not in _raises("SizeMismatchError", CheckedDatasetMapper(_cfg(), is_train=True), record)
+
+
+def test_dataset_without_images(catalogs):
+    # a registered loader returning no records; Detectron2: "AssertionError: Dataset 'rb_none' is empty!"
+    DatasetCatalog.register("rb_none", list)
+    train_net = load_tool("train_net")
+    with pytest.raises(DataError, match=r"^dataset 'rb_none' has no images$"):
+        train_net.Trainer.build_test_loader(_cfg(), "rb_none")

@@ -5,6 +5,8 @@ its history; a proposal file for other images is named. tools/train_net.py is ru
 run it, in a subprocess, on a tiny config."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO, load_tool
+from conftest import REPO, cli, load_tool
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer, CheckpointError
 from fpn_rpn.data.coco_checks import DataError, check_proposal_file
@@ -237,9 +240,9 @@ def test_train_net_checks_proposal_files_at_setup(tiny_dataset, tmp_path, catalo
     train_net = load_tool("train_net")
     path = _proposal_file(tmp_path / "box_proposals.pkl", [802, 10764, 123])
 
-    def setup(train_files, test_files):
+    def setup(train_files, test_files, flags=()):
         return train_net.setup(train_net.default_argument_parser().parse_args(
-            ["--config-file", str(CONFIG), "MODEL.LOAD_PROPOSALS", "True",
+            ["--config-file", str(CONFIG), *flags, "MODEL.LOAD_PROPOSALS", "True",
              "DATASETS.REGISTER_COCO", repr([["rb_proposals", *map(str, tiny_dataset)]]),
              "DATASETS.TRAIN", "('rb_proposals',)", "DATASETS.TEST", "('rb_proposals',)",
              "DATASETS.PROPOSAL_FILES_TRAIN", repr(train_files), "DATASETS.PROPOSAL_FILES_TEST", repr(test_files),
@@ -251,6 +254,82 @@ def test_train_net_checks_proposal_files_at_setup(tiny_dataset, tmp_path, catalo
     _one_line_error(train_net.ConfigError, r"^DATASETS.PROPOSAL_FILES_TEST has 0 files for the 1 datasets of "
                                            r"DATASETS.TEST: give one per dataset$", setup, (good,), ())
     assert setup((good,), (good,)).MODEL.LOAD_PROPOSALS
+    # evaluating alone needs only the test set's file; training needs both
+    assert setup((), (good,), ["--eval-only"]).MODEL.LOAD_PROPOSALS
+    _one_line_error(train_net.ConfigError, r"^DATASETS.PROPOSAL_FILES_TRAIN has 0 files", setup, (), (good,))
+
+
+# ---- compare_recall's and visualize_proposals' inputs ------------------------------------
+
+SMALL = ["MODEL.FPN.OUT_CHANNELS", "32", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
+
+
+def _compare(capsys, tmp_path, *sources):
+    argv = [*sources, "--dataset", "coco_mini_val", "--max-images", "1", "--output-dir", str(tmp_path / "out"),
+            "--no-cache", "--opts", *SMALL]
+    return cli(capsys, "compare_recall", argv)
+
+
+def _weights_case(case, saved, tmp_path):
+    out, _ = saved
+    path = tmp_path / "weights.pth"
+    if case == "text":
+        path.write_text("some notes, not weights")
+    elif case == "truncated":
+        data = (out / "model_0000009.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "other model":  # R-18 weights for another network: none of its parameter names
+        torch.save({"model": {"backbone.res9.weight": torch.zeros(1)}}, path)
+    else:  # the model without its RPN head: an untrained head would be evaluated
+        state = torch.load(out / "model_0000009.pth", weights_only=False)
+        state["model"] = {k: v for k, v in state["model"].items() if "rpn_head" not in k}
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("case, words", [
+    ("text", "cannot be read as a checkpoint"),
+    ("truncated", "cannot be read as a checkpoint"),
+    ("other model", "has none of the model's"),
+    ("partial", "evaluating needs every parameter, but it misses 4: proposal_generator.rpn_head"),
+])  # fmt: skip
+@pytest.mark.parametrize("tool", ["compare_recall", "visualize_proposals"])
+def test_tool_weights_that_cannot_be_evaluated(capsys, saved, tmp_path, case, words, tool):
+    path = _weights_case(case, saved, tmp_path)
+    if tool == "compare_recall":
+        code, err = _compare(capsys, tmp_path, "--model", f"m={CONFIG}:{path}")
+    else:
+        code, err = cli(capsys, tool, ["--model", f"{CONFIG}:{path}", "--dataset", "coco_mini_val", "--num-images",
+                                       "1", "--output-dir", str(tmp_path / "out"), "--opts", *SMALL])
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"{tool}.py: error: ") and words in err[0], err
+
+
+def test_compare_recall_needs_weights_or_an_explicit_random_init(capsys, tmp_path):
+    code, err = _compare(capsys, tmp_path, "--model", f"m={CONFIG}")
+    assert code == 1 and err == [
+        f"compare_recall.py: error: --model m: no weights (none after '{CONFIG}:' and no MODEL.WEIGHTS in it); "
+        f"give m={CONFIG}:WEIGHTS, or --random-init m={CONFIG} for an untrained baseline"
+    ]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rows = load_tool("compare_recall").main(
+            ["--random-init", f"m={CONFIG}", "--dataset", "coco_mini_val", "--max-images", "1",
+             "--output-dir", str(tmp_path / "out"), "--no-cache", "--opts", *SMALL])
+    assert [row["source"] for row in rows] == ["m (random init)"]
+    assert "| m (random init) |" in out.getvalue()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"not a pickle", "cannot be read as a proposal file (UnpicklingError"),
+    (pickle.dumps([1, 2]), "holds a list, not a proposal file"),
+    (pickle.dumps({"ids": [1]}), "proposal file lacks ['boxes', 'objectness_logits']"),
+])  # fmt: skip
+@pytest.mark.parametrize("tool", ["compare_recall", "visualize_proposals"])
+def test_tool_proposal_file_that_cannot_be_read(capsys, tmp_path, content, words, tool):
+    path = tmp_path / "p.pkl"
+    path.write_bytes(content)
+    argv = ["--dataset", "coco_mini_val", "--output-dir", str(tmp_path / "out")]
+    code, err = cli(capsys, tool, ["--proposals", f"p={path}" if tool == "compare_recall" else str(path), *argv])
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"{tool}.py: error: {path}: ") and words in err[0], err
 
 
 # ---- tools/train_net.py in a subprocess -----------------------------------------------
@@ -272,8 +351,8 @@ def _command(output_dir, dataset, flags=(), opts=()):
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the machine's cores are shared
 
 
-def _run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def _iterations(metrics_text):
@@ -367,3 +446,129 @@ def test_truncated_checkpoint_stops_resume(killed_and_resumed):
     path.write_bytes(path.read_bytes()[:100_000])
     run = _run(cmd)
     _assert_one_line_error(run, f"{re.escape(str(path))}: cannot be read as a checkpoint, it may be truncated .*")
+
+
+# ---- faults before training, and on one of several processes ---------------------------
+
+
+def _dataset_copy(coco_mini, folder, ids, annotations=None, corrupt=()):
+    """A COCO json of coco_mini val images ``ids``, copied to ``folder``/images (``corrupt`` ones
+    overwritten with garbage); ``annotations`` replaces theirs if given: (json_file, image_root)."""
+    json_file, _ = _tiny_dataset(coco_mini, folder)
+    data = json.loads(json_file.read_text())
+    data["images"] = [im for im in data["images"] if im["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids] if annotations is None \
+        else annotations  # fmt: skip
+    images = folder / "images"
+    images.mkdir()
+    for image in data["images"]:
+        shutil.copy(coco_mini / "val2017" / image["file_name"], images / image["file_name"])
+        if image["id"] in corrupt:
+            (images / image["file_name"]).write_bytes(b"\x00garbage" * 100)
+    (folder / "copy.json").write_text(json.dumps(data))
+    return folder / "copy.json", images
+
+
+def _with_train_set(tiny, other):
+    """opts that register ``other`` (json_file, image_root) as 'rb_other' and train on it, testing on ``tiny``."""
+    register = [["rb_tiny", *map(str, tiny)], ["rb_other", *map(str, other)]]
+    return ["DATASETS.REGISTER_COCO", repr(register), "DATASETS.TRAIN", "('rb_other',)"]
+
+
+def _assert_traceback_in_log(output_dir, error="DataError", log="log.txt"):
+    text = (output_dir / log).read_text()
+    assert "Traceback (most recent call last)" in text and error in text, text[-2000:]
+
+
+def test_all_training_images_filtered_out(tiny_dataset, coco_mini, tmp_path):
+    # one image without annotations, one with a crowd box only: with the default
+    # DATALOADER.FILTER_EMPTY_ANNOTATIONS no image is left (Detectron2: "No valid data found" and a traceback)
+    crowd = {"id": 1, "image_id": 802, "category_id": 1, "bbox": [10.0, 20.0, 100.0, 200.0], "area": 20000.0,
+             "iscrowd": 1}
+    empty = _dataset_copy(coco_mini, tmp_path, (802, 10764), annotations=[crowd])
+    run = _run(_command(tmp_path / "out", tiny_dataset, opts=_with_train_set(tiny_dataset, empty)))
+    _assert_one_line_error(run, r"no training images left in DATASETS.TRAIN \('rb_other',\): every image has no "
+                                r"annotations or crowd annotations only, and DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+                                r"True leaves such images out of training; set it to False .*")
+    _assert_traceback_in_log(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "opts, pattern, error",
+    [
+        # Detectron2 would fail in its registry; the check leaves a log, not only the line
+        (["MODEL.RPN.HEAD_NAME", "FPNHead"], r"MODEL.RPN.HEAD_NAME = 'FPNHead' is not registered; registered: .*",
+         "ConfigError"),
+        # Detectron2: a KeyError listing every registered dataset
+        (["DATASETS.TEST", "('rb_tinny',)"],
+         r"DATASETS.TEST names dataset 'rb_tinny', which is not registered; did you mean 'rb_tiny'\? .*", "DataError"),
+        # Detectron2: pycocotools' FileNotFoundError when the dataset is first loaded
+        (["DATASETS.TRAIN", "('coco_2017_train',)"],
+         r"dataset 'coco_2017_train' \(DATASETS.TRAIN\): annotation file \S+/coco/annotations/instances_train2017"
+         r".json does not exist; Detectron2's built-in datasets are read from \$DETECTRON2_DATASETS .*", "DataError"),
+        (["MODEL.LOAD_PROPOSALS", "True"], r"DATASETS.PROPOSAL_FILES_TRAIN has 0 files for the 1 datasets .*",
+         "ConfigError"),
+    ],
+    ids=["head_name", "dataset_name", "builtin_dataset_files", "proposal_files"],
+)
+def test_faults_before_training_leave_the_traceback_in_log_txt(tiny_dataset, tmp_path, opts, pattern, error):
+    env = dict(ENV, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    run = subprocess.run(_command(tmp_path / "out", tiny_dataset, opts=opts), capture_output=True, text=True,
+                         env=env, timeout=300)
+    _assert_one_line_error(run, pattern)
+    _assert_traceback_in_log(tmp_path / "out", error)
+
+
+def test_evaluating_with_a_test_proposal_file_only(killed_and_resumed, tmp_path):
+    # --eval-only with MODEL.LOAD_PROPOSALS reads no training set: PROPOSAL_FILES_TRAIN stays empty
+    dataset, output_dir = killed_and_resumed[:2]
+    proposals = _proposal_file(tmp_path / "tiny_proposals.pkl", VAL_IDS)
+    run = _run(_command(tmp_path / "out", dataset, flags=["--eval-only"],
+                        opts=["MODEL.WEIGHTS", str(output_dir / "model_final.pth"), "MODEL.LOAD_PROPOSALS", "True",
+                              "DATASETS.PROPOSAL_FILES_TEST", repr((str(proposals),))]))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "copypaste: Task: recall_d2" in (tmp_path / "out" / "log.txt").read_text()
+    assert (tmp_path / "out" / "inference" / "rb_tiny" / "box_proposals.pkl").is_file()
+
+
+def test_fault_on_one_of_two_processes_ends_both(tiny_dataset, coco_mini, tmp_path):
+    # two processes read one image each in the only, hence last, iteration; one image is corrupt.
+    # The failing process used to run the final evaluation, waiting there for the other, itself
+    # waiting for it in backward: a hang until gloo's 30-minute timeout
+    bad = _dataset_copy(coco_mini, tmp_path, (802, 10764), corrupt=(10764,))
+    start = time.time()
+    run = _run(_command(tmp_path / "out", tiny_dataset, flags=["--num-gpus", "2"],
+                        opts=_with_train_set(tiny_dataset, bad) + ["SOLVER.MAX_ITER", "1"]), timeout=180)
+    _assert_one_line_error(run, f"{re.escape(str(bad[1] / '000000010764.jpg'))}: image id 10764: cannot be used "
+                                r"\(UnidentifiedImageError: .*\)")
+    assert time.time() - start < 150
+    logs = [(tmp_path / "out" / name).read_text() for name in ("log.txt", "log.txt.rank1")]
+    assert sum("DataError" in log for log in logs) == 1  # the failing process's log has the traceback
+
+
+def _spawned_workers(pid):
+    """The pids of the processes torch.multiprocessing spawned from process ``pid`` (Linux)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the processes in /proc")
+def test_killed_process_ends_a_two_process_run(tiny_dataset, tmp_path):
+    # a process killed without a Python error (as the system's out-of-memory killer does)
+    cmd = _command(tmp_path / "out", tiny_dataset, flags=["--num-gpus", "2"], opts=["SOLVER.MAX_ITER", "100000"])
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        log = tmp_path / "out" / "log.txt"
+        deadline = time.time() + 180
+        while not (log.is_file() and "Starting training" in log.read_text()) and time.time() < deadline:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            time.sleep(0.2)
+        workers = _spawned_workers(process.pid)
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    run = subprocess.CompletedProcess(cmd, process.returncode, "", stderr)
+    _assert_one_line_error(run, r"process [01] of the 2 on this machine was killed by SIGKILL \(as the system does "
+                                r"when memory runs out: see dmesg\) without a Python error; the others were stopped; .*")

@@ -13,6 +13,7 @@ Bad data, configs and checkpoints, and diverged training, stop the run with one 
 on stderr naming the file, record or key and the fault, and exit status 1; the
 traceback goes to OUTPUT_DIR/log.txt.
 """
+import contextlib
 import functools
 import logging
 import os
@@ -26,9 +27,12 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, register_datasets, setup_cfg
+from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line, run_cli  # noqa: F401  (re-exported for tests)
+from fpn_rpn.data.build import check_datasets, dataset_assertions
+from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
 
 
@@ -42,7 +46,8 @@ class Trainer(DefaultTrainer):
         # here, the periodic checkpointer hook saves through the checked one too
         self.checkpointer = CheckedCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
                                                 trainer=weakref.proxy(self))
-        return super().build_hooks()
+        # no final evaluation after a failed last iteration: with several processes it would hang
+        return no_eval_after_failure(super().build_hooks())
 
     def run_step(self):
         try:
@@ -54,11 +59,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+        with dataset_assertions(cfg):
+            return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
+        with dataset_assertions(cfg):
+            return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -67,29 +74,41 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts)
-    default_setup(cfg, args)
-    # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
-    # still passed on to the root logger's handlers, which setup_logger would cut off
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fpn_rpn")
-    logging.getLogger("fpn_rpn").propagate = True
-    register_datasets(cfg)
-    if cfg.MODEL.LOAD_PROPOSALS:
-        check_proposal_files(cfg)
+    # a file that cannot be read ends with one line only: there is no OUTPUT_DIR for a log yet
+    cfg = setup_cfg(args.config_file, args.opts, check=False)
+    with traceback_in_log(cfg.OUTPUT_DIR):
+        default_setup(cfg, args)  # log.txt, with the config and environment, before any check
+        # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
+        # still passed on to the root logger's handlers, which setup_logger would cut off
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fpn_rpn")
+        logging.getLogger("fpn_rpn").propagate = True
+        check_cfg(cfg)
+        register_datasets(cfg)
+        splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+        check_datasets(cfg, splits)
+        if cfg.MODEL.LOAD_PROPOSALS:
+            check_proposal_files(cfg, splits)
     return cfg
+
+
+@contextlib.contextmanager
+def traceback_in_log(output_dir):
+    """Append the traceback of an exception to log.txt (log.txt.rankN), for bug reports; the
+    terminal gets one line from run_cli for a CLEAR_ERRORS fault."""
+    try:
+        yield
+    except Exception:
+        rank = comm.get_rank()
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "log.txt" + (f".rank{rank}" if rank else "")), "a") as f:
+            traceback.print_exc(file=f)
+        raise
 
 
 def main(args):
     cfg = setup(args)
-    try:
+    with traceback_in_log(cfg.OUTPUT_DIR):
         return _run(cfg, args)
-    except CLEAR_ERRORS:
-        # the traceback for the log only: the terminal gets one line from invoke_main
-        rank = comm.get_rank()
-        log_file = os.path.join(cfg.OUTPUT_DIR, "log.txt" + (f".rank{rank}" if rank else ""))
-        with open(log_file, "a") as f:
-            traceback.print_exc(file=f)
-        raise
 
 
 def _run(cfg, args):

@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "ConfigError",
+    "ProcessDiedError",
     "CLEAR_ERRORS",
     "ArgumentParser",
     "error_line",
@@ -35,6 +36,10 @@ class ConfigError(ValueError):
     """A config value the model cannot be built with."""
 
 
+class ProcessDiedError(RuntimeError):
+    """A process of a multi-process run that ended without a Python exception (killed, or exited)."""
+
+
 def require(ok: bool, key: str, value, allowed: str) -> None:
     """Raise ConfigError "<key> = <value> is invalid: <allowed>" unless ``ok``."""
     if not ok:
@@ -42,7 +47,7 @@ def require(ok: bool, key: str, value, allowed: str) -> None:
 
 
 # diverged training is FloatingPointError; other exceptions are bugs and keep their traceback
-CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, FloatingPointError)
+CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, ProcessDiedError, FloatingPointError)
 
 
 def error_line(error: BaseException):

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.datasets import load_coco_json
+from detectron2.data.detection_utils import SizeMismatchError
+from PIL import ExifTags, Image
 
 from ..errors import ConfigError, DataError, examples, first_line
 from .proposal_files import check_covers_images, read_proposal_file
@@ -243,8 +245,25 @@ class CheckedDatasetMapper(DatasetMapper):
         except self.IMAGE_ERRORS as e:
             raise DataError(
                 f"{dataset_dict.get('file_name')}: image id {dataset_dict.get('image_id')!r}: "
-                f"cannot be used ({type(e).__name__}: {first_line(e)})"
+                f"cannot be used ({type(e).__name__}: {first_line(e)}){_exif_rotation_hint(dataset_dict, e)}"
             ) from e
+
+
+def _exif_rotation_hint(dataset_dict, error) -> str:
+    """Why a file's size is its record's with width and height swapped, if EXIF says so."""
+    if not isinstance(error, SizeMismatchError):
+        return ""
+    try:
+        with Image.open(dataset_dict["file_name"]) as image:
+            stored_size, orientation = image.size, image.getexif().get(ExifTags.Base.Orientation)
+    except OSError:
+        return ""
+    # orientations 5-8 turn the stored pixels by 90 degrees; Detectron2's read_image applies them
+    if orientation not in (5, 6, 7, 8) or stored_size != (dataset_dict.get("width"), dataset_dict.get("height")):
+        return ""
+    return (f"; likely cause: its EXIF orientation ({orientation}) rotates it by 90 degrees when read, and the "
+            "record has the size of the unrotated pixels: give the record the rotated width and height (and "
+            "boxes on the rotated image), or remove the EXIF orientation from the file")
 
 
 def check_proposal_file(proposal_file, dataset_name: str) -> None:
@@ -259,9 +278,12 @@ def check_proposal_file(proposal_file, dataset_name: str) -> None:
     check_covers_images(proposal_file, data, image_ids, dataset_name)
 
 
-def check_proposal_files(cfg):
-    """DataError unless each dataset's proposal file covers all its images (Detectron2: a KeyError)."""
-    for split in ("TRAIN", "TEST"):
+def check_proposal_files(cfg, splits=("TRAIN", "TEST")):
+    """
+    DataError unless each dataset of ``DATASETS.<split>`` has a proposal file that covers
+    all its images (Detectron2: a KeyError). Evaluating alone needs only ``("TEST",)``.
+    """
+    for split in splits:
         names, files = cfg.DATASETS.get(split), cfg.DATASETS.get(f"PROPOSAL_FILES_{split}")
         if len(names) != len(files):
             raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} files for the "

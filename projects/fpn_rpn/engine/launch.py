@@ -20,6 +20,8 @@ from detectron2.engine.launch import launch as _d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import ProcessDiedError
+
 __all__ = ["launch", "create_ddp_model", "cpu_ddp_for_trainer"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,24 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     Same arguments as :func:`detectron2.engine.launch`. With CUDA available, it is
     that function. Without CUDA, ``num_gpus_per_machine`` is the number of CPU
     processes per machine, joined with the gloo backend.
+
+    When a process fails, torch stops the others on this machine and re-raises its
+    exception; a process that dies without one (killed, for instance by the system
+    when memory runs out) is a :class:`ProcessDiedError`.
     """
+    try:
+        return _launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+    except mp.ProcessExitedException as e:
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
+        # the kernel's out-of-memory killer sends SIGKILL
+        oom = " (as the system does when memory runs out: see dmesg)" if e.signal_name == "SIGKILL" else ""
+        raise ProcessDiedError(
+            f"process {e.error_index} of the {num_gpus_per_machine} on this machine {how}{oom} without a "
+            "Python error; the others were stopped; training continues from its last checkpoint with --resume"
+        ) from e
+
+
+def _launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
     if torch.cuda.is_available():
         return _d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
                                 dist_url, args=args, timeout=timeout)

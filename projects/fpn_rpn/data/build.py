@@ -1,0 +1,72 @@
+"""The dataset faults that Detectron2's data loaders (detectron2/data/build.py) stop on with
+a bare assertion or KeyError, found before any work, or named in one DataError line.
+
+- :func:`check_datasets`, before training: a dataset name that is not registered (a
+  KeyError listing every registered name), or a Detectron2 built-in dataset whose
+  annotation file is not where ``$DETECTRON2_DATASETS`` says (a FileNotFoundError
+  from pycocotools).
+- :func:`dataset_assertions`, around building a loader: a training set left without
+  any image by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` ("No valid data found in ..."),
+  and a dataset without images ("Dataset '...' is empty!").
+"""
+import contextlib
+import difflib
+import os
+import re
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..errors import DataError
+
+__all__ = ["check_datasets", "dataset_assertions"]
+
+
+def _registered_error(key: str, name: str) -> DataError:
+    close = difflib.get_close_matches(name, DatasetCatalog.list(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return DataError(
+        f"{key} names dataset '{name}', which is not registered; {hint}a COCO json and image folder "
+        "are registered with DATASETS.REGISTER_COCO [[name, json_file, image_root]]"
+    )
+
+
+def check_datasets(cfg, splits=("TRAIN", "TEST")) -> None:
+    """
+    Raise DataError if a dataset of ``DATASETS.<split>`` is not registered, or is a
+    Detectron2 built-in one whose annotation file does not exist.
+    """
+    root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    for split in splits:
+        for name in cfg.DATASETS.get(split):
+            if name not in DatasetCatalog.list():
+                raise _registered_error(f"DATASETS.{split}", name)
+            json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+            # only the built-in names are registered with paths under $DETECTRON2_DATASETS
+            if json_file and json_file.startswith(os.path.join(root, "")) and not os.path.isfile(json_file):
+                raise DataError(
+                    f"dataset '{name}' ({'DATASETS.' + split}): annotation file {json_file} does not exist; "
+                    f"Detectron2's built-in datasets are read from $DETECTRON2_DATASETS (now {root!r}): set it "
+                    "to the folder that holds coco/"
+                )
+
+
+@contextlib.contextmanager
+def dataset_assertions(cfg):
+    """Turn the AssertionErrors of Detectron2's dataset loading into one DataError line."""
+    try:
+        yield
+    except AssertionError as e:
+        message = str(e)
+        empty = re.fullmatch(r"Dataset '(.*)' is empty!", message)
+        if empty:
+            raise DataError(f"dataset '{empty.group(1)}' has no images") from e
+        if not message.startswith("No valid data found in"):
+            raise
+        why = "no annotations or crowd annotations only"
+        if cfg.MODEL.KEYPOINT_ON:
+            why += ", or fewer than MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE keypoints"
+        raise DataError(
+            f"no training images left in DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: every image has {why}, "
+            "and DATALOADER.FILTER_EMPTY_ANNOTATIONS True leaves such images out of training; set it to False "
+            "to train on them as background, or check the annotation file"
+        ) from e
