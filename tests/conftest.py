@@ -1,5 +1,7 @@
 import importlib.util
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -7,8 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    # Raised inside Detectron2 v0.6 on torch 2.14, not by fpn_rpn: keep them out of the report.
-    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
+    # Raised inside Detectron2 v0.6 on torch 2.14 (its stock anchor generator), not by fpn_rpn.
     config.addinivalue_line("filterwarnings", "ignore:torch.meshgrid. in an upcoming release:UserWarning")
 
 
@@ -37,6 +38,15 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def cli(capsys, tool: str, argv):
+    """(exit status, stderr lines) of tools/<tool>.py with ``argv``, ended as its __main__ ends it."""
+    from fpn_rpn.errors import run_cli
+
+    with pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", [f"tools/{tool}.py"]):  # argparse's prog
+        run_cli(load_tool(tool).main, f"{tool}.py", (argv,))
+    return info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def coco_dict(images, annotations, categories=(1,)):

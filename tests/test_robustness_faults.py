@@ -291,7 +291,7 @@ def _weights_case(case, saved, tmp_path):
     ("text", "cannot be read as a checkpoint"),
     ("truncated", "cannot be read as a checkpoint"),
     ("other model", "has none of the model's"),
-    ("partial", "evaluating needs every parameter, but it misses 4: proposal_generator.rpn_head"),
+    ("partial", "evaluating needs every parameter, but it misses 6: proposal_generator.rpn_head"),
 ])  # fmt: skip
 @pytest.mark.parametrize("tool", ["compare_recall", "visualize_proposals"])
 def test_tool_weights_that_cannot_be_evaluated(capsys, saved, tmp_path, case, words, tool):
