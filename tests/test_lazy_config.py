@@ -1,0 +1,216 @@
+"""configs/lazy/*.py against their YAML twins (same modules, settings and proposals for the
+same weights and input), training and evaluation with tools/lazyconfig_train_net.py on a
+Detectron2 that ships its LazyConfig files, and the one-line error on one that does not."""
+import fpn_rpn  # noqa: F401  # before detectron2
+
+import json
+import math
+import re
+from argparse import Namespace
+
+import pytest
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from fpn_rpn import FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
+from fpn_rpn.errors import ConfigError
+from fpn_rpn.lazy_config import lazy_config_problem
+
+from conftest import REPO, load_tool
+
+PAIRS = {  # LazyConfig file: its YAML twin
+    "fpn_rpn_R_50_FPN_1x.py": "fpn_rpn_R_50_FPN_1x.yaml",
+}
+LAZY_DIR = REPO / "configs" / "lazy"
+NO_LAZY = lazy_config_problem()
+needs_lazy = pytest.mark.skipif(NO_LAZY is not None, reason=f"LazyConfig unsupported: {NO_LAZY}")
+
+
+def test_every_lazy_config_has_a_yaml_twin():
+    assert sorted(p.name for p in LAZY_DIR.glob("*.py")) == sorted(PAIRS)
+
+
+def _yaml_model(name):
+    cfg = get_cfg()
+    add_fpn_rpn_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / name))
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg)
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value):
+    """``value`` with tuples as lists (LazyConfig passes lists where YAML gives tuples) if it
+    holds only numbers, strings and None; otherwise _NOT_PLAIN."""
+    if isinstance(value, (ListConfig, DictConfig)):  # what instantiate() passes for lists and dicts
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if _NOT_PLAIN in items else items
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if _NOT_PLAIN in items.values() else items
+    return value if isinstance(value, (bool, int, float, str, type(None))) else _NOT_PLAIN
+
+
+def _settings(obj, depth=0):
+    """The plain attributes of ``obj`` and of the non-module objects it holds
+    (Box2BoxTransform, Matcher, ...), as nested dicts."""
+    out = {}
+    for key, value in vars(obj).items():
+        if key in ("training", "_anchor_cache") or key.startswith("_") and "hook" in key:
+            continue
+        plain = _plain(value)
+        if plain is not _NOT_PLAIN:
+            out[key] = plain
+        elif not isinstance(value, (torch.nn.Module, torch.Tensor, list, tuple, dict)) and depth < 2:
+            out[key] = (type(value).__name__, _settings(value, depth + 1) if hasattr(value, "__dict__") else None)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def twins(request):
+    """(model from the LazyConfig, model from the YAML config), same weights, eval mode."""
+    if NO_LAZY is not None:
+        pytest.skip(f"LazyConfig unsupported: {NO_LAZY}")
+    torch.manual_seed(0)
+    yaml_model = _yaml_model(PAIRS[request.param]).eval()
+    lazy_model = instantiate(LazyConfig.load(str(LAZY_DIR / request.param)).model).eval()
+    lazy_model.load_state_dict(yaml_model.state_dict())
+    return lazy_model, yaml_model
+
+
+def test_same_modules_and_settings(twins):
+    lazy_model, yaml_model = twins
+    assert repr(lazy_model) == repr(yaml_model)
+    lazy_modules, yaml_modules = dict(lazy_model.named_modules()), dict(yaml_model.named_modules())
+    assert list(lazy_modules) == list(yaml_modules)
+    for name, module in yaml_modules.items():
+        assert type(lazy_modules[name]) is type(module), name
+        assert _settings(lazy_modules[name]) == _settings(module), name
+    # frozen stages (MODEL.BACKBONE.FREEZE_AT) and buffers
+    assert [(n, p.requires_grad) for n, p in lazy_model.named_parameters()] == [
+        (n, p.requires_grad) for n, p in yaml_model.named_parameters()
+    ]
+    assert [n for n, _ in lazy_model.named_buffers()] == [n for n, _ in yaml_model.named_buffers()]
+
+
+def _inputs():
+    torch.manual_seed(1)
+    # near MODEL.PIXEL_MEAN: a randomly initialised R-50 then gives varied deltas and scores
+    images = [torch.randint(100, 125, (3, 96, 128), dtype=torch.uint8) for _ in range(2)]
+    inputs = [{"image": img, "height": 96, "width": 128} for img in images]
+    for record, boxes in zip(inputs, ([[8.0, 10.0, 60.0, 70.0]], [[30.0, 5.0, 120.0, 50.0], [2.0, 40.0, 40.0, 90.0]])):
+        instances = Instances((96, 128))
+        instances.gt_boxes = Boxes(torch.tensor(boxes))
+        instances.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
+        record["instances"] = instances
+    return inputs
+
+
+def test_same_proposals(twins):
+    lazy_model, yaml_model = twins
+    with torch.no_grad():
+        lazy_out, yaml_out = lazy_model(_inputs()), yaml_model(_inputs())
+    for lazy, ref in zip(lazy_out, yaml_out):
+        lazy, ref = lazy["proposals"], ref["proposals"]
+        assert len(ref) > 50  # of the 3072 anchors on 96 x 128 px, kept by NMS
+        torch.testing.assert_close(lazy.proposal_boxes.tensor, ref.proposal_boxes.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(lazy.objectness_logits, ref.objectness_logits, rtol=0, atol=0)
+
+
+def test_same_training_losses(twins):
+    losses = []
+    for model in twins:
+        model.train()
+        torch.manual_seed(2)  # the same anchor sampling
+        with EventStorage():
+            losses.append(model(_inputs()))
+        model.eval()
+    assert set(losses[0]) == {"loss_rpn_cls", "loss_rpn_loc"}
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(NO_LAZY is None, reason="this Detectron2 ships its LazyConfig files")
+def test_lazy_config_without_detectron2_lazy_files_is_a_one_line_error(monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="LazyConfig is not supported here: .* has no LazyConfig files"):
+        LazyConfig.load(str(LAZY_DIR / "fpn_rpn_R_50_FPN_1x.py"))
+    tool = load_tool("lazyconfig_train_net")
+    monkeypatch.setattr("sys.argv", ["lazyconfig_train_net.py", "--config-file",
+                                     str(LAZY_DIR / "fpn_rpn_R_50_FPN_1x.py")])
+    with pytest.raises(SystemExit) as exit_info:
+        tool.invoke_main()
+    message = str(exit_info.value.code)
+    assert message.startswith("lazyconfig_train_net.py: error: LazyConfig is not supported here")
+    assert "\n" not in message and "the YAML configs" in message
+
+
+def _tiny_coco(root, name, num_images):
+    """``num_images`` random 96 x 128 images with one or two boxes each, as COCO json + jpgs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(1, num_images + 1):
+        Image.fromarray(rng.integers(100, 125, (96, 128, 3), dtype=np.uint8)).save(root / f"{name}{i}.jpg")
+        images.append({"id": i, "file_name": f"{name}{i}.jpg", "width": 128, "height": 96})
+        for x, y, w, h in ([10, 12, 50, 40], [60, 30, 60, 60])[: 1 + i % 2]:
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "bbox": [x, y, w, h],
+                                "area": w * h, "iscrowd": 0, "category_id": 1})
+    json_file = root / f"{name}.json"
+    json_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                     "categories": [{"id": 1, "name": "thing"}]}))
+    return str(json_file)
+
+
+@needs_lazy
+def test_lazyconfig_train_net_trains_and_evaluates(tmp_path, catalogs):
+    register = [[name, _tiny_coco(tmp_path, name, n), str(tmp_path)] for name, n in (("lz_train", 4), ("lz_val", 2))]
+    tool = load_tool("lazyconfig_train_net")
+    overrides = [
+        f"train.output_dir={tmp_path / 'out'}", "train.init_checkpoint=", "train.max_iter=2",
+        "train.eval_period=0", "train.device=cpu", f"datasets.register_coco={register!r}",
+        "dataloader.train.dataset.names=lz_train", "dataloader.test.dataset.names=lz_val",
+        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[96]",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=96",
+        # GroupNorm from random initialisation, as the README advises: FrozenBN's features
+        # are about 1e4 there, and so are the deltas, which leave no box inside the image
+        "model.backbone.bottom_up.stem.norm=GN", "model.backbone.bottom_up.stages.norm=GN",
+        "model.backbone.norm=GN", "model.backbone.bottom_up.freeze_at=0",
+    ]
+    args = Namespace(config_file=str(LAZY_DIR / "fpn_rpn_R_50_FPN_1x.py"), opts=overrides,
+                     eval_only=False, resume=False, num_gpus=1)
+    torch.manual_seed(0)
+    latest = tool.main(args)
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert math.isfinite(latest["loss_rpn_cls"][0]) and math.isfinite(latest["loss_rpn_loc"][0])
+    assert (tmp_path / "out" / "config.yaml").is_file()  # default_setup saved the LazyConfig
+
+    args.eval_only = True
+    args.opts = overrides + [f"train.init_checkpoint={tmp_path / 'out' / 'model_final.pth'}"]
+    results = tool.main(args)
+    assert 0.0 <= results["recall_d2"]["AR@1000"] <= 1.0
+    assert 0.0 <= results["recall_coco"]["AR@100"] <= 1.0
+
+
+@needs_lazy
+def test_readme_lazy_example_puts_the_components_into_mask_rcnn():
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    (code,) = [b for b in blocks if "common/models/mask_rcnn_fpn.py" in b]
+    namespace = {}
+    exec(code, namespace)
+    model = namespace["mask_rcnn"].eval()
+    rpn = model.proposal_generator
+    assert type(rpn) is FPNRPN and type(rpn.rpn_head) is FPNRPNHead
+    assert type(rpn.anchor_generator) is FPNAnchorGenerator and rpn.nms_mode == "cross_level"
+    with torch.no_grad():
+        outputs = model(_inputs())
+    assert [sorted(out) for out in outputs] == [["instances"], ["instances"]]
