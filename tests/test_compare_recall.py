@@ -302,3 +302,41 @@ def test_run_model_takes_a_detector_rpn(val_dicts, tmp_path):
         _canonical(actual[image_id]["boxes"], actual[image_id]["scores"]),
         _canonical(expected[image_id]["boxes"], expected[image_id]["scores"]),
     )
+
+
+def test_per_source_overrides_share_one_pass_and_count_duplicates(val_dicts, tmp_path, monkeypatch):
+    from fpn_rpn.analysis import proposal_sources
+
+    cfg = setup_cfg(DEMO_CONFIG, SMALL_INPUT)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # boxes leave their anchors, so levels overlap
+        model.proposal_generator.rpn_head.anchor_deltas.weight.mul_(30.0)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("moved")
+    weights = str(tmp_path / "moved.pth")
+    passes = []
+    real = proposal_sources.run_postprocessing_variants
+    monkeypatch.setattr(proposal_sources, "run_postprocessing_variants",
+                        lambda cfgs, *a, **k: passes.append(len(cfgs)) or real(cfgs, *a, **k))
+    tool = load_tool("compare_recall")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = tool.main([
+            "--dataset", "coco_mini_val", "--max-images", "2", "--output-dir", str(tmp_path / "out"),
+            "--model", f"cross={DEMO_CONFIG}:{weights}",
+            "--model", f"per={DEMO_CONFIG}:{weights}", "MODEL.FPN_RPN.NMS_MODE", "per_level",
+            "--opts", *map(str, SMALL_INPUT),
+        ])
+    assert passes == [2]  # one network pass for both post-processings
+    by_name = {row["source"]: row for row in rows}
+    assert by_name["cross"]["dup/img"] == 0.0 and by_name["per"]["dup/img"] > 0
+    for name, opts in (("cross", []), ("per", ["MODEL.FPN_RPN.NMS_MODE", "per_level"])):
+        expected, _ = run_model(setup_cfg(DEMO_CONFIG, SMALL_INPUT + opts, weights), val_dicts[:2])
+        assert by_name[name]["proposals/img"] == np.mean([len(p["scores"]) for p in expected.values()])
+
+
+def test_source_overrides_must_be_pairs(tmp_path, capsys):
+    tool = load_tool("compare_recall")
+    with pytest.raises(SystemExit) as info:
+        tool.parse_args(["--dataset", "d", "--output-dir", str(tmp_path),
+                         "--model", f"a={DEMO_CONFIG}:w.pth", "MODEL.FPN_RPN.NMS_MODE"])
+    assert info.value.code == 2 and "KEY VALUE pairs" in capsys.readouterr().err

@@ -8,14 +8,27 @@ Compare the proposal recall of models, proposal files and baselines on one datas
         --selective-search --anchors anchors=configs/demo/fpn_rpn_R_18_GN_synthetic.yaml
 
 Sources, in any number and order (the table keeps the command line's order):
-  --model NAME=CONFIG[:WEIGHTS]  run a model (weights default to the config's MODEL.WEIGHTS),
-                                 which must hold every parameter, as for train_net --eval-only
-  --random-init NAME=CONFIG      run a model with random weights (an untrained baseline),
+  --model NAME=CONFIG[:WEIGHTS] [KEY VALUE ...]
+                                 run a model (weights default to the config's MODEL.WEIGHTS),
+                                 which must hold every parameter, as for train_net --eval-only;
+                                 KEY VALUE pairs override that source's config (after --opts)
+  --random-init NAME=CONFIG [KEY VALUE ...]
+                                 run a model with random weights (an untrained baseline),
                                  marked "(random init)" in the table
   --proposals NAME=FILE          a Detectron2 proposal file (box_proposals.pkl)
   --selective-search [NAME]      OpenCV Selective Search, fast mode (opencv-contrib-python)
   --anchors [NAME=]CONFIG        the config's anchors, unregressed, in random order: AR at
                                  a budget >= the anchor count is the anchor set's upper bound
+
+Models whose configs differ only in post-processing (MODEL.FPN_RPN.NMS_MODE,
+MODEL.RPN.NMS_THRESH, top-K, score threshold, min size) and share their weights run the
+network once per image; each post-processing then works on the same head outputs:
+
+    --model cross=CFG:W.pth --model per_level=CFG:W.pth MODEL.FPN_RPN.NMS_MODE per_level
+
+The "dup/img" column counts near-duplicates: pairs among each image's top
+max(--budgets) proposals with IoU above --duplicate-iou (0.7, Detectron2's NMS
+threshold). For an RPN with that NMS threshold these are pairs from different levels.
 
 Writes OUTPUT_DIR/recall_table.{md,csv}, recall_vs_iou.png (recall at --budget against
 the IoU threshold) and ar_vs_proposals.png (AR against proposals per image, log x).
@@ -32,7 +45,7 @@ import numpy as np
 
 import fpn_rpn  # noqa: F401  (before detectron2)
 from fpn_rpn import setup_cfg
-from fpn_rpn.errors import ArgumentParser, CheckpointError, non_negative_int, positive_int, run_cli
+from fpn_rpn.errors import ArgumentParser, CheckpointError, non_negative_int, positive_int, run_cli, unit_interval
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
 from fpn_rpn.analysis.proposal_sources import (
     SourceProposals,
@@ -41,7 +54,7 @@ from fpn_rpn.analysis.proposal_sources import (
     cached,
     get_dataset_dicts,
     load_proposal_file,
-    run_model,
+    run_models_cached,
     selective_search,
     split_config_and_weights,
 )
@@ -63,19 +76,31 @@ IOU_CURVE_THRESHOLDS = np.append(np.stack([COCO_IOU_THRESHOLDS, COCO_IOU_THRESHO
 
 class _AddSource(argparse.Action):
     """
-    Appends (kind, name, file, weights) to args.sources, so that sources keep the command
-    line's order; file is the config (models, anchors) or the proposal file.
+    Appends (kind, name, file, weights, opts) to args.sources, so that sources keep the
+    command line's order; file is the config (models, anchors) or the proposal file, opts
+    a model source's own KEY VALUE pairs.
     """
 
     def __call__(self, parser, namespace, value, option_string=None):
         try:
             source = _parse_source(self.const, value)
+            source += (_source_opts(value) if self.const in ("model", "random_init") else [],)
         except ValueError as e:
             parser.error(f"argument {option_string}: {e}")
         namespace.sources = list(getattr(namespace, "sources", None) or []) + [source]
 
 
-def _parse_source(kind: str, value: str):
+def _source_opts(value):
+    """The KEY VALUE pairs after a model source's NAME=CONFIG (value is a list then)."""
+    opts = value[1:]
+    if len(opts) % 2:
+        raise ValueError(f"expected KEY VALUE pairs after {value[0]}, got {' '.join(opts)}")
+    return opts
+
+
+def _parse_source(kind: str, value):
+    if isinstance(value, list):  # a model source: NAME=CONFIG[:WEIGHTS] KEY VALUE ...
+        value = value[0]
     if kind == "selective_search":  # without NAME, argparse passes const as the value
         return kind, value, None, None
     match = re.match(r"^([^=/\\]+)=(.+)$", value)
@@ -98,8 +123,8 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--model", action=_AddSource, const="model", metavar="NAME=CONFIG[:WEIGHTS]")
-    add("--random-init", action=_AddSource, const="random_init", metavar="NAME=CONFIG")
+    add("--model", action=_AddSource, const="model", nargs="+", metavar="NAME=CONFIG[:WEIGHTS] [KEY VALUE]")
+    add("--random-init", action=_AddSource, const="random_init", nargs="+", metavar="NAME=CONFIG [KEY VALUE]")
     add("--proposals", action=_AddSource, const="proposals", metavar="NAME=FILE")
     # without NAME, argparse passes const as the value: the name is then "selective_search"
     add("--selective-search", action=_AddSource, const="selective_search", nargs="?", metavar="NAME")
@@ -116,13 +141,15 @@ def parse_args(argv=None):
     add("--ss-max-side", type=positive_int, default=None,
         help="shrink images to this longer side before Selective Search (faster, lower recall)")
     add("--seed", type=non_negative_int, default=0, help="seed of Selective Search's and the anchors' ranking")
+    add("--duplicate-iou", type=unit_interval, default=0.7,
+        help="IoU above which two proposals of an image count as near-duplicates (dup/img column)")
     add("--no-cache", action="store_true", help="recompute every source")
     add("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into every model and anchor config")
     args = parser.parse_args(argv)
     args.sources = getattr(args, "sources", None) or []
     if not args.sources:
         parser.error("give at least one source: --model, --random-init, --proposals, --selective-search or --anchors")
-    names = [name for _, name, _, _ in args.sources]
+    names = [name for _, name, *_ in args.sources]
     if len(set(names)) < len(names):
         parser.error(f"source names must differ, got {names}")
     return args
@@ -131,10 +158,10 @@ def parse_args(argv=None):
 def parse_sources(args):
     """[(kind, name, config or None, value)] with model and anchor configs loaded."""
     parsed = []
-    for kind, name, path, weights in args.sources:
+    for kind, name, path, weights, opts in args.sources:
         cfg = None
         if kind in ("model", "random_init", "anchors"):
-            cfg = setup_cfg(path, args.opts, weights)
+            cfg = setup_cfg(path, list(args.opts) + opts, weights)
         if kind == "model" and not cfg.MODEL.WEIGHTS:
             raise CheckpointError(
                 f"--model {name}: no weights (none after '{path}:' and no MODEL.WEIGHTS in it); "
@@ -146,14 +173,15 @@ def parse_sources(args):
 
 def load_sources(args, parsed, dataset_dicts):
     cache_dir = None if args.no_cache else os.path.join(args.output_dir, "cache")
+    models = run_models_cached(
+        [(name, cfg, kind == "random_init") for kind, name, cfg, _ in parsed if kind in ("model", "random_init")],
+        args.dataset, dataset_dicts, cache_dir, progress=True,
+    )
     sources = []
     for kind, name, cfg, value in parsed:
         if kind in ("model", "random_init"):
             random_init = kind == "random_init"
-            key = cache_key("model", args.dataset, dataset_dicts, cfg, random_init=random_init)
-            proposals, seconds, hit = cached(
-                cache_dir, name, key, lambda: run_model(cfg, dataset_dicts, progress=True, random_init=random_init)
-            )
+            proposals, seconds, hit = models[name]
             info = {"config": value, "weights": "random init" if random_init else cfg.MODEL.WEIGHTS, "cached": hit}
             name += " (random init)" if random_init else ""
         elif kind == "proposals":
@@ -188,11 +216,12 @@ def main(argv=None):
     definitions = ["d2", "coco"] if args.definition == "both" else [args.definition]
     markdown, csv_rows = [], []
     for definition in definitions:
-        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition)
+        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition, args.duplicate_iou)
         caption = (
             f"Proposal recall on {args.dataset} ({len(dataset_dicts)} images), definition "
             f"\"{definition}\": {DEFINITION_NAMES[definition]}. AR = mean recall over IoU "
-            "0.50:0.05:0.95, as a fraction; AR_s/m/l by COCO area; s/img = time to compute "
+            "0.50:0.05:0.95, as a fraction; AR_s/m/l by COCO area; dup/img = pairs among the top "
+            f"{max(args.budgets)} with IoU > {args.duplicate_iou}; s/img = time to compute "
             "one image's proposals, image reading excluded (n/a for files)."
         )
         markdown.append(format_comparison_table(rows, caption))

@@ -126,3 +126,4 @@ def _checked(kind, ok, what):
 positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+unit_interval = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")

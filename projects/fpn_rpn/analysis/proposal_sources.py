@@ -34,7 +34,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from tqdm import tqdm
 
 from .anchor_analysis import AnchorGrid, input_size_at_test
-from .postprocessing_variants import run_postprocessing_variants
+from .postprocessing_variants import network_key, run_postprocessing_variants
 from ..config import add_fpn_rpn_config
 from ..data.datasets import register_datasets
 from ..data.proposal_files import check_covers_images, read_proposal_file
@@ -48,6 +48,7 @@ __all__ = [
     "get_dataset_dicts",
     "load_proposal_file",
     "run_model",
+    "run_models_cached",
     "selective_search",
     "split_config_and_weights",
 ]
@@ -171,6 +172,45 @@ def run_model(
     """
     proposals, seconds, _ = run_postprocessing_variants([cfg], dataset_dicts, progress, random_init)[0]
     return proposals, seconds
+
+
+def run_models_cached(
+    models: Sequence[Tuple[str, Any, bool]],
+    dataset_name: str,
+    dataset_dicts: Sequence[dict],
+    cache_dir: Optional[str],
+    progress: bool = False,
+) -> Dict[str, Tuple[Dict[Any, ImageProposals], float, bool]]:
+    """
+    The proposals of several models, each through :func:`cached`; models that differ only
+    in post-processing and share their weights are computed together, from one network
+    pass per image (:func:`run_postprocessing_variants`), when any of them is not cached.
+
+    Args:
+        models: (name, cfg, random_init) of each model.
+
+    Returns:
+        name -> (proposals, seconds per image, whether they came from the cache).
+    """
+    groups: Dict[Tuple, List[int]] = {}
+    for i, (_, cfg, random_init) in enumerate(models):
+        groups.setdefault((network_key(cfg), cfg.MODEL.WEIGHTS, random_init), []).append(i)
+    results = {}
+    for members in groups.values():
+        computed = {}
+
+        def compute(i, members=members, computed=computed):
+            if not computed:  # the first member missing from the cache computes all
+                cfgs = [models[m][1] for m in members]
+                variants = run_postprocessing_variants(cfgs, dataset_dicts, progress, models[members[0]][2])
+                computed.update(zip(members, variants))
+            return computed[i][:2]
+
+        for i in members:
+            name, cfg, random_init = models[i]
+            key = cache_key("model", dataset_name, dataset_dicts, cfg, random_init=random_init)
+            results[name] = cached(cache_dir, name, key, lambda i=i: compute(i))
+    return results
 
 
 def _seed_c_rand(seed: int) -> None:

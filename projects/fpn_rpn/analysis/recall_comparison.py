@@ -8,9 +8,11 @@ import math
 from typing import Dict, List, Sequence
 
 import numpy as np
+import torch
 from tabulate import tabulate
 
 from ..evaluation.proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
+from .postprocessing_variants import count_duplicates
 from .proposal_sources import SourceProposals
 from ..evaluation.recall_evaluator import load_coco_ground_truth
 
@@ -19,6 +21,7 @@ __all__ = [
     "ar_vs_proposals",
     "budget_grid",
     "comparison_rows",
+    "duplicates_per_image",
     "format_comparison_table",
     "load_coco_ground_truth",
     "recall_vs_iou",
@@ -32,17 +35,32 @@ DEFINITION_NAMES = {
 _ALL = {"all": COCO_AREAS["all"]}
 
 
+def duplicates_per_image(proposals, iou_thresh: float, top_k: int) -> np.ndarray:
+    """
+    Near-duplicate pairs (IoU above ``iou_thresh``) among the ``top_k`` best-scored
+    proposals of each image, in the order of ``proposals`` (image_id -> boxes, scores).
+    """
+    counts = []
+    for image in proposals.values():
+        order = np.argsort(-np.asarray(image["scores"]), kind="stable")[:top_k]
+        counts.append(count_duplicates(torch.as_tensor(np.asarray(image["boxes"])[order]), iou_thresh))
+    return np.asarray(counts, dtype=np.int64)
+
+
 def comparison_rows(
     gt_by_image,
     sources: Sequence[SourceProposals],
     budgets: Sequence[int],
     area_budgets: Sequence[int],
     definition: str,
+    duplicate_iou: float = 0.7,
 ) -> List[dict]:
     """
     One row per source: "source", "AR@k" for each budget, "AR_s@k", "AR_m@k",
-    "AR_l@k" for each area budget, "proposals/img" and "s/img" (NaN where unknown).
-    The AR values are ``evaluate_recall``'s, fractions, NaN where no gt counts.
+    "AR_l@k" for each area budget, "proposals/img", "dup/img" (mean
+    :func:`duplicates_per_image` at ``duplicate_iou`` in the top max(budgets)) and
+    "s/img" (NaN where unknown). The AR values are ``evaluate_recall``'s, fractions,
+    NaN where no gt counts.
     """
     all_budgets = sorted({int(k) for k in list(budgets) + list(area_budgets)})
     rows = []
@@ -55,6 +73,7 @@ def comparison_rows(
             for area in ("small", "medium", "large"):
                 row[metric_name(area, k)] = metrics[metric_name(area, k)]
         row["proposals/img"] = source.proposals_per_image
+        row["dup/img"] = float(duplicates_per_image(source.proposals, duplicate_iou, max(budgets)).mean())
         row["s/img"] = source.seconds_per_image
         rows.append(row)
     return rows
@@ -74,6 +93,8 @@ def format_comparison_table(rows: List[dict], caption: str = "") -> str:
                 cells.append("n/a")
             elif key == "proposals/img":
                 cells.append(f"{value:.0f}")
+            elif key == "dup/img":
+                cells.append(f"{value:.1f}")
             elif key == "s/img":
                 cells.append(f"{value:.3f}")
             elif isinstance(value, float):
