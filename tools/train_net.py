@@ -31,7 +31,7 @@ from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line, run_cli  # noqa: F401  (re-exported for tests)
-from fpn_rpn.data.build import check_datasets, dataset_assertions
+from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths
 from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
 
@@ -107,7 +107,7 @@ def traceback_in_log(output_dir):
 
 def main(args):
     cfg = setup(args)
-    with traceback_in_log(cfg.OUTPUT_DIR):
+    with traceback_in_log(cfg.OUTPUT_DIR), loader_worker_deaths():
         return _run(cfg, args)
 
 

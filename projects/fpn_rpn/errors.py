@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 
 
 class ProcessDiedError(RuntimeError):
-    """A process of a multi-process run that ended without a Python exception (killed, or exited)."""
+    """A process of a run (one of several training processes, or a data-loading worker) that ended
+    without a Python exception: killed, or exited."""
 
 
 def require(ok: bool, key: str, value, allowed: str) -> None:

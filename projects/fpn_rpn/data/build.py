@@ -8,6 +8,8 @@ a bare assertion or KeyError, found before any work, or named in one DataError l
 - :func:`dataset_assertions`, around building a loader: a training set left without
   any image by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` ("No valid data found in ..."),
   and a dataset without images ("Dataset '...' is empty!").
+- :func:`loader_worker_deaths`, around training and evaluation: a data-loading worker
+  process killed (torch's RuntimeError), as a :class:`ProcessDiedError`.
 """
 import contextlib
 import difflib
@@ -16,9 +18,9 @@ import re
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..errors import DataError
+from ..errors import DataError, ProcessDiedError, first_line
 
-__all__ = ["check_datasets", "dataset_assertions"]
+__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths"]
 
 
 def _registered_error(key: str, name: str) -> DataError:
@@ -69,4 +71,20 @@ def dataset_assertions(cfg):
             f"no training images left in DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: every image has {why}, "
             "and DATALOADER.FILTER_EMPTY_ANNOTATIONS True leaves such images out of training; set it to False "
             "to train on them as background, or check the annotation file"
+        ) from e
+
+
+@contextlib.contextmanager
+def loader_worker_deaths():
+    """Turn torch's RuntimeError for a DataLoader worker that died into one ProcessDiedError line."""
+    try:
+        yield
+    except RuntimeError as e:
+        # torch: "DataLoader worker (pid 123) is killed by signal: Killed." or "... exited unexpectedly ..."
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        raise ProcessDiedError(
+            f"{first_line(e).split('. Details')[0].rstrip('.')}: a data-loading process died without a Python "
+            "error (the system kills processes this way when memory runs out: see dmesg; fewer "
+            "DATALOADER.NUM_WORKERS use less); training continues from its last checkpoint with --resume"
         ) from e
