@@ -24,6 +24,7 @@ from conftest import REPO, load_tool
 
 PAIRS = {  # LazyConfig file: its YAML twin
     "fpn_rpn_R_50_FPN_1x.py": "fpn_rpn_R_50_FPN_1x.yaml",
+    "fpn_rpn_EffLite0_FPN_coco_cpu.py": "fpn_rpn_EffLite0_FPN_coco_cpu.yaml",
 }
 LAZY_DIR = REPO / "configs" / "lazy"
 NO_LAZY = lazy_config_problem()
@@ -34,12 +35,12 @@ def test_every_lazy_config_has_a_yaml_twin():
     assert sorted(p.name for p in LAZY_DIR.glob("*.py")) == sorted(PAIRS)
 
 
-def _yaml_model(name):
+def _yaml_cfg(name):
     cfg = get_cfg()
     add_fpn_rpn_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / name))
     cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg)
+    return cfg
 
 
 _NOT_PLAIN = object()
@@ -80,7 +81,7 @@ def twins(request):
     if NO_LAZY is not None:
         pytest.skip(f"LazyConfig unsupported: {NO_LAZY}")
     torch.manual_seed(0)
-    yaml_model = _yaml_model(PAIRS[request.param]).eval()
+    yaml_model = build_model(_yaml_cfg(PAIRS[request.param])).eval()
     lazy_model = instantiate(LazyConfig.load(str(LAZY_DIR / request.param)).model).eval()
     lazy_model.load_state_dict(yaml_model.state_dict())
     return lazy_model, yaml_model
@@ -99,6 +100,34 @@ def test_same_modules_and_settings(twins):
         (n, p.requires_grad) for n, p in yaml_model.named_parameters()
     ]
     assert [n for n, _ in lazy_model.named_buffers()] == [n for n, _ in yaml_model.named_buffers()]
+
+
+@needs_lazy
+@pytest.mark.parametrize("lazy_name", sorted(PAIRS))
+def test_same_data_and_schedule(lazy_name):
+    lazy, cfg = LazyConfig.load(str(LAZY_DIR / lazy_name)), _yaml_cfg(PAIRS[lazy_name])
+    train, test = lazy.dataloader.train, lazy.dataloader.test
+    for names, yaml_names in ((train.dataset.names, cfg.DATASETS.TRAIN), (test.dataset.names, cfg.DATASETS.TEST)):
+        assert ([names] if isinstance(names, str) else _plain(names)) == list(yaml_names)
+    assert train.mapper.image_format == test.mapper.image_format == cfg.INPUT.FORMAT
+    (resize, flip), (test_resize,) = train.mapper.augmentations, test.mapper.augmentations
+    assert _plain(resize.short_edge_length) == list(cfg.INPUT.MIN_SIZE_TRAIN) and resize.sample_style == "choice"
+    assert resize.max_size == cfg.INPUT.MAX_SIZE_TRAIN and flip.horizontal
+    assert (test_resize.short_edge_length, test_resize.max_size) == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    assert train.mapper.use_instance_mask == cfg.MODEL.MASK_ON
+    assert (train.total_batch_size, train.num_workers) == (cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+    assert lazy.optimizer.lr == cfg.SOLVER.BASE_LR and lazy.optimizer.momentum == cfg.SOLVER.MOMENTUM
+    assert lazy.optimizer.weight_decay == cfg.SOLVER.WEIGHT_DECAY
+    assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER
+    assert lazy.train.checkpointer.period == cfg.SOLVER.CHECKPOINT_PERIOD
+    assert lazy.train.init_checkpoint == cfg.MODEL.WEIGHTS
+    # the learning-rate multiplier over the whole schedule, warm-up and steps included
+    from detectron2.solver import build_lr_scheduler
+
+    yaml_multiplier = build_lr_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    lazy_multiplier = instantiate(lazy.lr_multiplier)
+    wheres = [i / cfg.SOLVER.MAX_ITER for i in range(0, cfg.SOLVER.MAX_ITER, max(1, cfg.SOLVER.MAX_ITER // 500))]
+    torch.testing.assert_close([lazy_multiplier(w) for w in wheres], [yaml_multiplier._multiplier(w) for w in wheres])
 
 
 def _inputs():
