@@ -18,6 +18,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 EXPECTED_COMPONENTS = {
     "Base-FPN-RPN.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_R_50_FPN_1x.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
+    "fpn_rpn_EffLite0_FPN_coco_cpu.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "stock_rpn_R_50_FPN_1x.yaml": (RPN, StandardRPNHead, DefaultAnchorGenerator),
 }
 
