@@ -8,8 +8,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from fpn_rpn import setup_cfg
-from fpn_rpn.analysis.postprocessing_variants import count_duplicates, network_key, run_postprocessing_variants
+from fpn_rpn.analysis.postprocessing_variants import network_key, run_postprocessing_variants
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts, run_model
+from fpn_rpn.evaluation.duplicates import duplicates_per_image
 
 from conftest import REPO
 
@@ -45,7 +46,7 @@ def two_photos(coco_mini):
 def test_variants_equal_the_models_of_their_configs(moved_weights, two_photos):
     cfgs = [setup_cfg(DEMO_CONFIG, SMALL_INPUT + opts, moved_weights) for opts in VARIANTS]
     results = run_postprocessing_variants(cfgs, two_photos)
-    for cfg, (proposals, seconds, _) in zip(cfgs, results):
+    for cfg, (proposals, seconds) in zip(cfgs, results):
         expected, _ = run_model(cfg, two_photos)  # its own model, its own pass
         assert seconds > 0
         for image_id, image in expected.items():
@@ -57,17 +58,10 @@ def test_variants_equal_the_models_of_their_configs(moved_weights, two_photos):
 
 def test_per_level_nms_leaves_cross_level_duplicates_and_cross_level_none(moved_weights, two_photos):
     cfgs = [setup_cfg(DEMO_CONFIG, SMALL_INPUT + opts, moved_weights) for opts in VARIANTS[:2]]
-    (_, _, cross), (_, _, per_level) = run_postprocessing_variants(cfgs, two_photos)
-    assert cross.tolist() == [0, 0]
-    assert per_level.sum() > 0
-
-
-def test_count_duplicates_counts_pairs_above_the_threshold():
-    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 8], [20, 20, 30, 30]])
-    # IoUs: (0, 1) 0.9, (0, 2) 0.8, (1, 2) 8/9 = 0.889, the last box overlaps none
-    assert count_duplicates(boxes, 0.85) == 2
-    assert count_duplicates(boxes, 0.95) == 0
-    assert count_duplicates(boxes[:1], 0.0) == 0
+    (cross, _), (per_level, _) = run_postprocessing_variants(cfgs, two_photos)
+    # at the NMS threshold, 0.7, in the top 1000 (POST_NMS_TOPK_TEST)
+    assert duplicates_per_image(cross, 0.7, 1000).tolist() == [0, 0]
+    assert duplicates_per_image(per_level, 0.7, 1000).sum() > 0
 
 
 def test_variants_must_share_the_network_and_weights(moved_weights):

@@ -108,7 +108,10 @@ def test_evaluate_from_json_file(dataset_name, tmp_path, distributed):
     evaluator = ProposalRecallEvaluator(dataset_name, budgets=[3, 1, 2], distributed=distributed)
     results = _run(evaluator, PROPOSALS)
     _assert_results(results, EXPECTED)
-    assert len(flatten_results_dict(results)) == 2 * 4 * 3
+    assert len(flatten_results_dict(results)) == 2 * 4 * 3 + 3
+    # image 1: p1 = x[3,13] and p2 = x[4,14] overlap at IoU 9/11 = 0.82 > 0.7 (the others
+    # at 7/13 and 6/14); image 2 has no proposals
+    assert results["duplicates"] == {"pairs/img": 0.5, "max/img": 1.0, "images": 1.0}
     assert flatten_results_dict(results)["recall_d2/AR@2"] == pytest.approx(0.55, abs=1e-12)
 
 

@@ -8,9 +8,7 @@ runs the backbone and head once per image (Detectron2's own forward, up to
 variant's config with the same weights: what each variant returns is exactly what the
 model built from its config returns (tests check this).
 
-It also counts near-duplicates: pairs of kept proposals of an image with IoU above the
-variant's NMS threshold. Cross-level NMS leaves none; per-level NMS leaves none inside
-a level, so every pair it leaves joins two levels.
+Near-duplicates of the variants: :mod:`fpn_rpn.evaluation.duplicates`.
 """
 import time
 from typing import Any, Dict, List, Sequence, Tuple
@@ -22,7 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch import ProposalNetwork
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.proposal_generator import build_proposal_generator
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Instances
 from tqdm import tqdm
 
 from ..engine.checkpoint import CheckedCheckpointer
@@ -30,7 +28,6 @@ from ..errors import ConfigError
 
 __all__ = [
     "POSTPROCESSING_KEYS",
-    "count_duplicates",
     "network_key",
     "proposals_of",
     "run_postprocessing_variants",
@@ -70,14 +67,6 @@ def proposals_of(instances: Instances) -> Dict[str, np.ndarray]:
         "boxes": instances.proposal_boxes.tensor.detach().float().numpy(),
         "scores": instances.objectness_logits.detach().float().numpy(),
     }
-
-
-def count_duplicates(boxes: torch.Tensor, iou_thresh: float) -> int:
-    """Pairs of ``boxes`` (R, 4) XYXY with IoU above ``iou_thresh``."""
-    if len(boxes) < 2:
-        return 0
-    iou = pairwise_iou(Boxes(boxes), Boxes(boxes))
-    return int((iou > iou_thresh).triu(diagonal=1).sum())
 
 
 def _load_model(cfg, random_init: bool):
@@ -134,15 +123,14 @@ def _head_outputs(model, inputs) -> tuple:
 
 def run_postprocessing_variants(
     cfgs: Sequence, dataset_dicts: Sequence[dict], progress: bool = False, random_init: bool = False
-) -> List[Tuple[Dict[Any, Dict[str, np.ndarray]], float, np.ndarray]]:
+) -> List[Tuple[Dict[Any, Dict[str, np.ndarray]], float]]:
     """
     Proposals of every config of ``cfgs`` (one network, one set of weights: equal
     :func:`network_key` and ``MODEL.WEIGHTS``) for each image.
 
     Returns:
-        for each config: image_id -> {"boxes", "scores"} in original image coordinates;
-        seconds per image (the shared network pass plus the variant's post-processing);
-        near-duplicate pairs per image (in the order of ``dataset_dicts``).
+        for each config: image_id -> {"boxes", "scores"} in original image coordinates,
+        and seconds per image (the shared network pass plus the variant's post-processing).
     """
     cfgs = list(cfgs)
     keys = {(network_key(cfg), cfg.MODEL.WEIGHTS) for cfg in cfgs}
@@ -157,9 +145,8 @@ def run_postprocessing_variants(
         generators.append(generator)
     mapper = DatasetMapper(cfgs[0], is_train=False)
     proposals = [{} for _ in cfgs]
-    duplicates = np.zeros((len(cfgs), len(dataset_dicts)), dtype=np.int64)
     seconds = np.zeros(len(cfgs))
-    for i, record in enumerate(tqdm(dataset_dicts, desc="proposals", unit="img", disable=not progress)):
+    for record in (tqdm(dataset_dicts, desc="proposals", unit="img", disable=not progress)):
         inputs = [mapper(record)]
         start = time.perf_counter()
         with torch.no_grad():
@@ -171,7 +158,6 @@ def run_postprocessing_variants(
                 found = generator.predict_proposals(*args)[0]
                 instances = detector_postprocess(found, inputs[0]["height"], inputs[0]["width"])
             seconds[v] += time.perf_counter() - start
-            duplicates[v, i] = count_duplicates(found.proposal_boxes.tensor, generator.nms_thresh)
             proposals[v][record["image_id"]] = proposals_of(instances)
     seconds /= max(len(dataset_dicts), 1)
-    return [(proposals[v], float(seconds[v]), duplicates[v]) for v in range(len(cfgs))]
+    return [(proposals[v], float(seconds[v])) for v in range(len(cfgs))]

@@ -170,8 +170,7 @@ def run_model(
         image_id -> proposals (original image coordinates), and the mean seconds of the
         model call per image (reading and resizing the image excluded).
     """
-    proposals, seconds, _ = run_postprocessing_variants([cfg], dataset_dicts, progress, random_init)[0]
-    return proposals, seconds
+    return run_postprocessing_variants([cfg], dataset_dicts, progress, random_init)[0]
 
 
 def run_models_cached(
@@ -204,7 +203,7 @@ def run_models_cached(
                 cfgs = [models[m][1] for m in members]
                 variants = run_postprocessing_variants(cfgs, dataset_dicts, progress, models[members[0]][2])
                 computed.update(zip(members, variants))
-            return computed[i][:2]
+            return computed[i]
 
         for i in members:
             name, cfg, random_init = models[i]

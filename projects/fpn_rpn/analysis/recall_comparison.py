@@ -8,11 +8,10 @@ import math
 from typing import Dict, List, Sequence
 
 import numpy as np
-import torch
 from tabulate import tabulate
 
 from ..evaluation.proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
-from .postprocessing_variants import count_duplicates
+from ..evaluation.duplicates import duplicates_per_image
 from .proposal_sources import SourceProposals
 from ..evaluation.recall_evaluator import load_coco_ground_truth
 
@@ -21,7 +20,6 @@ __all__ = [
     "ar_vs_proposals",
     "budget_grid",
     "comparison_rows",
-    "duplicates_per_image",
     "format_comparison_table",
     "load_coco_ground_truth",
     "recall_vs_iou",
@@ -33,18 +31,6 @@ DEFINITION_NAMES = {
     "coco": "pycocotools COCOeval with useCats=0 (every image counts)",
 }
 _ALL = {"all": COCO_AREAS["all"]}
-
-
-def duplicates_per_image(proposals, iou_thresh: float, top_k: int) -> np.ndarray:
-    """
-    Near-duplicate pairs (IoU above ``iou_thresh``) among the ``top_k`` best-scored
-    proposals of each image, in the order of ``proposals`` (image_id -> boxes, scores).
-    """
-    counts = []
-    for image in proposals.values():
-        order = np.argsort(-np.asarray(image["scores"]), kind="stable")[:top_k]
-        counts.append(count_duplicates(torch.as_tensor(np.asarray(image["boxes"])[order]), iou_thresh))
-    return np.asarray(counts, dtype=np.int64)
 
 
 def comparison_rows(

@@ -18,6 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from pycocotools.coco import COCO
 
+from .duplicates import duplicates_per_image
 from .proposal_recall import DEFAULT_BUDGETS, check_budgets, evaluate_recall, format_recall_table, gt_from_coco
 
 __all__ = ["ProposalRecallEvaluator", "load_coco_ground_truth"]
@@ -35,8 +36,15 @@ class ProposalRecallEvaluator(DatasetEvaluator):
     Ground truth is the dataset's COCO json (metadata ``json_file``), or Detectron2's
     conversion of the registered dicts to COCO format, as COCOEvaluator does.
 
+    It also reports near-duplicates (:mod:`fpn_rpn.evaluation.duplicates`): pairs among
+    each image's top ``max(budgets)`` proposals with IoU above ``duplicate_iou``, as
+    ``{"duplicates": {"pairs/img": mean, "max/img": ..., "images": images with any}}``.
+    At the RPN's NMS threshold these are the pairs from different levels that per-level
+    NMS keeps.
+
     In a trainer: ``ProposalRecallEvaluator(cfg, dataset_name, output_dir=...)`` takes
-    the budgets from ``cfg.TEST.RECALL_BUDGETS``.
+    the budgets from ``cfg.TEST.RECALL_BUDGETS`` and ``duplicate_iou`` from
+    ``cfg.MODEL.RPN.NMS_THRESH``.
     """
 
     @configurable
@@ -45,6 +53,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         dataset_name: str,
         *,
         budgets: Sequence[int] = DEFAULT_BUDGETS,
+        duplicate_iou: float = 0.7,
         distributed: bool = True,
         output_dir: str = None,
         save_proposals: bool = False,
@@ -53,6 +62,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         Args:
             dataset_name: a registered dataset with COCO-format ground truth.
             budgets: proposals per image at which AR is reported.
+            duplicate_iou: IoU above which two proposals of an image are near-duplicates
+                (Detectron2's default NMS threshold).
             distributed: gather the proposals of all processes and evaluate on the
                 main one; otherwise evaluate what this process saw.
             output_dir: where ``box_proposals.pkl`` and, for datasets without a
@@ -62,6 +73,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
                 Without it only the top ``max(budgets)`` of each image are kept.
         """
         self._budgets = check_budgets(budgets)
+        self._duplicate_iou = duplicate_iou
         if save_proposals and not output_dir:
             raise ValueError("save_proposals=True needs an output_dir to write box_proposals.pkl")
         self._dataset_name = dataset_name
@@ -76,6 +88,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         return {
             "dataset_name": dataset_name,
             "budgets": cfg.TEST.RECALL_BUDGETS,
+            "duplicate_iou": cfg.MODEL.RPN.NMS_THRESH,
             "distributed": distributed,
             "output_dir": output_dir,
             "save_proposals": save_proposals,
@@ -140,11 +153,18 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             for img_id, p in by_image.items()
         }
         results = evaluate_recall(gt, proposals, self._budgets)
+        table = format_recall_table(results, self._budgets)
+        pairs = duplicates_per_image(proposals, self._duplicate_iou, self._budgets[-1])
+        results["duplicates"] = {
+            "pairs/img": float(pairs.mean()), "max/img": float(pairs.max()), "images": float((pairs > 0).sum())
+        }
         num_empty = sum(len(p["scores"]) == 0 for p in proposals.values())
         self._logger.info(
             f"Proposal recall on {len(proposals)} images ({num_empty} without proposals, "
             "which the d2 definition skips); AR as fractions, mean recall over IoU "
-            "0.50:0.05:0.95:\n" + format_recall_table(results, self._budgets)
+            "0.50:0.05:0.95:\n" + table
+            + f"\nNear-duplicates (pairs with IoU > {self._duplicate_iou} in the top {self._budgets[-1]}): "
+            f"{pairs.mean():.2f} per image, at most {pairs.max()}, in {(pairs > 0).sum()} of {len(pairs)} images"
         )
         return copy.deepcopy(results)
 
