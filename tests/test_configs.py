@@ -19,6 +19,7 @@ EXPECTED_COMPONENTS = {
     "Base-FPN-RPN.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_R_50_FPN_1x.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_EffLite0_FPN_coco_cpu.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
+    "fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "stock_rpn_R_50_FPN_1x.yaml": (RPN, StandardRPNHead, DefaultAnchorGenerator),
 }
 
