@@ -19,6 +19,21 @@ def coco_mini() -> Path:
     return REPO.parent / "shared" / "data" / "coco_mini"
 
 
+@pytest.fixture(scope="session")
+def coco_mini_val(coco_mini):
+    """pycocotools' COCO of coco_mini's val annotations (skips where they are missing)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    json_file = coco_mini / "annotations" / "instances_val2017.json"
+    if not json_file.is_file():
+        pytest.skip(f"{json_file} not found")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(json_file))
+
+
 @pytest.fixture
 def catalogs():
     """Undo the test's dataset registrations in Detectron2's global catalogs."""

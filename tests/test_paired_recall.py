@@ -1,13 +1,8 @@
 """Per-image recall counts pool to evaluate_recall's AR; paired bootstrap differences."""
-import contextlib
-import io
-
 import numpy as np
 import pytest
 
 import fpn_rpn  # noqa: F401  (before detectron2)
-from pycocotools.coco import COCO
-
 from fpn_rpn.analysis.paired_recall import paired_difference, per_image_counts, pooled_ar
 from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco, metric_name
 
@@ -15,12 +10,8 @@ BUDGETS = [1, 5, 20]
 
 
 @pytest.fixture(scope="module")
-def gt_and_proposals(coco_mini):
-    path = coco_mini / "annotations" / "instances_val2017.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(path))
+def gt_and_proposals(coco_mini_val):
+    coco = coco_mini_val
     img_ids = sorted(coco.getImgIds())[:12]
     rng = np.random.default_rng(0)
     proposals = {}

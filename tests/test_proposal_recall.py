@@ -297,15 +297,6 @@ def _coco_mini_proposals(coco, seed=0):
     return proposals
 
 
-@pytest.fixture(scope="module")
-def coco_mini_val(coco_mini):
-    json_file = coco_mini / "annotations" / "instances_val2017.json"
-    if not json_file.is_file():
-        pytest.skip(f"{json_file} not found")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(json_file))
-
-
 def test_matches_originals_on_coco_mini(coco_mini_val):
     proposals = _coco_mini_proposals(coco_mini_val)
     # the data exercise what differs: empty images, crowd gts, > 1000 proposals, and score
