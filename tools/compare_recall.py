@@ -46,6 +46,7 @@ import numpy as np
 import fpn_rpn  # noqa: F401  (before detectron2)
 from fpn_rpn import setup_cfg
 from fpn_rpn.errors import ArgumentParser, CheckpointError, non_negative_int, positive_int, run_cli, unit_interval
+from fpn_rpn.evaluation.duplicates import duplicates_per_image
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
 from fpn_rpn.analysis.proposal_sources import (
     SourceProposals,
@@ -214,9 +215,11 @@ def main(argv=None):
     gt = gt_from_coco(load_coco_ground_truth(args.dataset), [d["image_id"] for d in dataset_dicts])
 
     definitions = ["d2", "coco"] if args.definition == "both" else [args.definition]
+    duplicates = {s.name: float(duplicates_per_image(s.proposals, args.duplicate_iou, max(args.budgets)).mean())
+                  for s in sources}
     markdown, csv_rows = [], []
     for definition in definitions:
-        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition, args.duplicate_iou)
+        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition, duplicates)
         caption = (
             f"Proposal recall on {args.dataset} ({len(dataset_dicts)} images), definition "
             f"\"{definition}\": {DEFINITION_NAMES[definition]}. AR = mean recall over IoU "

@@ -95,7 +95,7 @@ def study_dataset(args, dataset, out):
         main = study_rows([cross, per] + baselines, budgets, definition)
         main[0]["source"], main[1]["source"] = (f"checkpoint {final_label}, {r.variant.name}" for r in (cross, per))
         out += [f"Checkpoint {final_label}, NMS IoU {thresh:g}, pre-NMS top-K {topk} per level; "
-                f"dup/img = pairs among the top {max(budgets)} with IoU > the NMS IoU (0.7 for the baselines).\n",
+                f"dup/img = pairs among the top {max(budgets)} with IoU > {thresh:g}.\n",
                 format_comparison_table(main)]
         out += ["\nCross-level minus per-level, same weights, 95% bootstrap interval over images "
                 "(2000 resamples):\n"]

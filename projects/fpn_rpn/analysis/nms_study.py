@@ -63,8 +63,9 @@ class SourceResult:
 
 
 def evaluate_source(name, proposals, seconds, gt, budgets, duplicate_iou, variant=None, checkpoint=""):
+    """Counts under both definitions; duplicates at ``duplicate_iou`` (a variant: its own NMS IoU)."""
     counts = {d: per_image_counts(gt, proposals, sorted(set(budgets) | set(AREA_BUDGETS)), d) for d in ("d2", "coco")}
-    dups = duplicates_per_image(proposals, variant.nms_thresh if variant else duplicate_iou, max(budgets))
+    dups = duplicates_per_image(proposals, duplicate_iou, max(budgets))
     per_image = float(np.mean([len(p["scores"]) for p in proposals.values()]))
     return SourceResult(name, counts, dups, seconds, per_image, variant, checkpoint)
 
@@ -75,23 +76,27 @@ def run_checkpoint(cfgs_by_variant: Dict[Variant, object], dataset_name, dataset
     models = [(f"{checkpoint} {v.name}", cfg, False) for v, cfg in cfgs_by_variant.items()]
     found = run_models_cached(models, dataset_name, dataset_dicts, cache_dir, progress)
     return [
-        evaluate_source(v.name, *found[name][:2], gt, budgets, 0.7, v, checkpoint)
+        evaluate_source(v.name, *found[name][:2], gt, budgets, v.nms_thresh, v, checkpoint)
         for (name, _, _), v in zip(models, cfgs_by_variant)
     ]
 
 
 def run_baselines(anchor_cfg, random_cfg, random_name, dataset_name, dataset_dicts, gt, budgets, cache_dir,
                   ss_max_side=None, progress=True) -> List[SourceResult]:
-    """Selective Search (fast, seeded), the bare anchors (random order) and an untrained network."""
+    """
+    Selective Search (fast, seeded), the bare anchors (random order) and an untrained
+    network; their duplicates at ``anchor_cfg``'s NMS IoU.
+    """
+    iou = anchor_cfg.MODEL.RPN.NMS_THRESH
     key = cache_key("selective_search", dataset_name, dataset_dicts, mode="fast", max_side=ss_max_side, seed=0)
     ss, ss_seconds, _ = cached(cache_dir, "selective_search", key,
                                lambda: selective_search(dataset_dicts, ss_max_side, 0, progress))
     anchors, anchor_seconds = anchor_proposals(anchor_cfg, dataset_dicts, 0, progress)
     untrained = run_models_cached([(random_name, random_cfg, True)], dataset_name, dataset_dicts, cache_dir, progress)
     return [
-        evaluate_source("Selective Search (fast)", ss, ss_seconds, gt, budgets, 0.7),
-        evaluate_source("anchors (random order)", anchors, anchor_seconds, gt, budgets, 0.7),
-        evaluate_source(random_name, *untrained[random_name][:2], gt, budgets, 0.7),
+        evaluate_source("Selective Search (fast)", ss, ss_seconds, gt, budgets, iou),
+        evaluate_source("anchors (random order)", anchors, anchor_seconds, gt, budgets, iou),
+        evaluate_source(random_name, *untrained[random_name][:2], gt, budgets, iou),
     ]
 
 

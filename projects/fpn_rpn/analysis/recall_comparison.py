@@ -5,13 +5,12 @@ All numbers come from :mod:`fpn_rpn.evaluation.proposal_recall` (``evaluate_reca
 """
 import csv
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 from tabulate import tabulate
 
 from ..evaluation.proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
-from ..evaluation.duplicates import duplicates_per_image
 from .proposal_sources import SourceProposals
 from ..evaluation.recall_evaluator import load_coco_ground_truth
 
@@ -39,13 +38,13 @@ def comparison_rows(
     budgets: Sequence[int],
     area_budgets: Sequence[int],
     definition: str,
-    duplicate_iou: float = 0.7,
+    duplicates: Mapping[str, float],
 ) -> List[dict]:
     """
     One row per source: "source", "AR@k" for each budget, "AR_s@k", "AR_m@k",
-    "AR_l@k" for each area budget, "proposals/img", "dup/img" (mean
-    :func:`duplicates_per_image` at ``duplicate_iou`` in the top max(budgets)) and
-    "s/img" (NaN where unknown). The AR values are ``evaluate_recall``'s, fractions,
+    "AR_l@k" for each area budget, "proposals/img", "dup/img" (``duplicates`` of the
+    source's name: near-duplicate pairs per image, which do not depend on the
+    definition) and "s/img" (NaN where unknown). The AR values are ``evaluate_recall``'s, fractions,
     NaN where no gt counts.
     """
     all_budgets = sorted({int(k) for k in list(budgets) + list(area_budgets)})
@@ -59,7 +58,7 @@ def comparison_rows(
             for area in ("small", "medium", "large"):
                 row[metric_name(area, k)] = metrics[metric_name(area, k)]
         row["proposals/img"] = source.proposals_per_image
-        row["dup/img"] = float(duplicates_per_image(source.proposals, duplicate_iou, max(budgets)).mean())
+        row["dup/img"] = duplicates[source.name]
         row["s/img"] = source.seconds_per_image
         rows.append(row)
     return rows
