@@ -6,6 +6,11 @@ from unittest import mock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the real photographs the tests use where realism matters, next to the repository
+needs_coco_mini = pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "coco_mini" / "annotations").is_dir(),
+    reason="coco_mini not found next to the repository (../shared/data/coco_mini)",
+)
 
 
 def pytest_configure(config):

@@ -24,7 +24,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO, cli, load_tool
+from conftest import REPO, cli, load_tool, needs_coco_mini
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer, CheckpointError
 from fpn_rpn.data.coco_checks import DataError, check_proposal_file
@@ -294,6 +294,7 @@ def _weights_case(case, saved, tmp_path):
     ("partial", "evaluating needs every parameter, but it misses 6: proposal_generator.rpn_head"),
 ])  # fmt: skip
 @pytest.mark.parametrize("tool", ["compare_recall", "visualize_proposals"])
+@needs_coco_mini
 def test_tool_weights_that_cannot_be_evaluated(capsys, saved, tmp_path, case, words, tool):
     path = _weights_case(case, saved, tmp_path)
     if tool == "compare_recall":
@@ -304,6 +305,7 @@ def test_tool_weights_that_cannot_be_evaluated(capsys, saved, tmp_path, case, wo
     assert code == 1 and len(err) == 1 and err[0].startswith(f"{tool}.py: error: ") and words in err[0], err
 
 
+@needs_coco_mini
 def test_compare_recall_needs_weights_or_an_explicit_random_init(capsys, tmp_path):
     code, err = _compare(capsys, tmp_path, "--model", f"m={CONFIG}")
     assert code == 1 and err == [
@@ -324,6 +326,7 @@ def test_compare_recall_needs_weights_or_an_explicit_random_init(capsys, tmp_pat
     (pickle.dumps({"ids": [1]}), "proposal file lacks ['boxes', 'objectness_logits']"),
 ])  # fmt: skip
 @pytest.mark.parametrize("tool", ["compare_recall", "visualize_proposals"])
+@needs_coco_mini
 def test_tool_proposal_file_that_cannot_be_read(capsys, tmp_path, content, words, tool):
     path = tmp_path / "p.pkl"
     path.write_bytes(content)
