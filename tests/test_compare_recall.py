@@ -322,14 +322,14 @@ def test_per_source_overrides_share_one_pass_and_count_duplicates(val_dicts, tmp
     with contextlib.redirect_stdout(io.StringIO()):
         rows = tool.main([
             "--dataset", "coco_mini_val", "--max-images", "2", "--output-dir", str(tmp_path / "out"),
-            "--model", f"cross={DEMO_CONFIG}:{weights}",
+            "--model", f"cross={DEMO_CONFIG}:{weights}", "MODEL.FPN_RPN.NMS_MODE", "cross_level",
             "--model", f"per={DEMO_CONFIG}:{weights}", "MODEL.FPN_RPN.NMS_MODE", "per_level",
             "--opts", *map(str, SMALL_INPUT),
         ])
     assert passes == [2]  # one network pass for both post-processings
     by_name = {row["source"]: row for row in rows}
     assert by_name["cross"]["dup/img"] == 0.0 and by_name["per"]["dup/img"] > 0
-    for name, opts in (("cross", []), ("per", ["MODEL.FPN_RPN.NMS_MODE", "per_level"])):
+    for name, opts in (("cross", ["MODEL.FPN_RPN.NMS_MODE", "cross_level"]), ("per", [])):
         expected, _ = run_model(setup_cfg(DEMO_CONFIG, SMALL_INPUT + opts, weights), val_dicts[:2])
         assert by_name[name]["proposals/img"] == np.mean([len(p["scores"]) for p in expected.values()])
 

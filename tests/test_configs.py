@@ -59,7 +59,7 @@ def test_leaf_config_values():
     assert cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN == 2000 and cfg.MODEL.RPN.PRE_NMS_TOPK_TEST == 1000
     assert cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 1000 and cfg.MODEL.RPN.POST_NMS_TOPK_TEST == 2000
-    assert cfg.MODEL.FPN_RPN.NMS_MODE == "cross_level" and cfg.MODEL.FPN_RPN.OBJECTNESS == "sigmoid"
+    assert cfg.MODEL.FPN_RPN.NMS_MODE == "per_level" and cfg.MODEL.FPN_RPN.OBJECTNESS == "sigmoid"
 
 
 def test_constructor_defaults_equal_config_defaults():

@@ -1,8 +1,17 @@
 #!/usr/bin/env python
 """
-Time fpn_rpn's proposal generator against Detectron2's stock RPN, side by side.
+Time fpn_rpn against Detectron2's stock RPN, side by side: whole iterations of the
+shipped configs (what users live with), and the proposal generator alone.
 
-One process builds Detectron2's ``RPN`` (configs/stock_rpn_R_50_FPN_1x.yaml) and
+``--scope whole`` (fpn_rpn.analysis.whole_iteration): for each shipped config (the demo,
+the EfficientNet-Lite0 CPU config, R50-FPN at 800 px), whole training iterations
+(forward, losses, backward, optimizer step) and whole inference passes of the model
+with Detectron2's stock RPN, with fpn_rpn, and with fpn_rpn with each of its speed-ups
+switched off in turn, on the same real images (coco_mini, mapped as the config's
+loader maps them). The table gives seconds per call and, per round, the stock / fpn_rpn
+ratio and the share of the whole call that each speed-up saves.
+
+``--scope rpn``: one process builds Detectron2's ``RPN`` (configs/stock_rpn_R_50_FPN_1x.yaml) and
 ``FPNRPN`` (configs/fpn_rpn_R_50_FPN_1x.yaml) in both NMS modes, with the same head
 weights (Detectron2's random init, seeded), and runs them on the same inputs: R50-FPN
 shaped features (P2-P6, 256 channels, random normal) of a batch of 800x1333 images
@@ -26,6 +35,7 @@ allocator's free lists, nor Python objects), in a separate, untimed run.
 
     python tools/benchmark_rpn.py [--device cpu|cuda] [--batch-sizes 1 2 8] [--repeats 5]
     python tools/benchmark_rpn.py --quick     # batch 1 and 2, 3 rounds
+    python tools/benchmark_rpn.py --scope whole --configs demo "Lite0 CPU" --whole-repeats 5
 """
 import contextlib
 import json
@@ -33,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,8 +53,9 @@ from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
-from tqdm import tqdm
 from fpn_rpn import setup_cfg
+from fpn_rpn.analysis.timing import synchronize, time_calls
+from fpn_rpn.analysis.whole_iteration import SHIPPED_CONFIGS, benchmark_config, format_whole_table
 from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,11 +132,6 @@ class FixedOutputs(nn.Module):
         return self.outputs
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_step(setting, model, images, features, gt_instances, head_outputs):
     """A closure running one call of ``setting``; its ``reset()`` drops what a call leaves behind."""
     if setting == "post":
@@ -160,25 +165,6 @@ def make_step(setting, model, images, features, gt_instances, head_outputs):
 
     step.reset = reset
     return step
-
-
-def time_calls(steps, repeats, warmup, device):
-    """{name: [seconds per round]}: every step once per round, in an order that rotates."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    synchronize(device)
-    times = {name: [] for name in names}
-    for r in tqdm(range(repeats), desc="rounds", leave=False):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            steps[name].reset()
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def peak_memory(step, device):
@@ -256,6 +242,13 @@ def main():
     parser.add_argument("--height", type=positive_int, default=800)
     parser.add_argument("--width", type=positive_int, default=1333)
     parser.add_argument("--gt-json", default=str(DEFAULT_GT_JSON), help="COCO json whose boxes are the gts")
+    parser.add_argument("--scope", choices=("rpn", "whole", "both"), default="both",
+                        help="rpn: the proposal generator alone; whole: whole iterations of the shipped configs")
+    parser.add_argument("--configs", nargs="+", choices=list(SHIPPED_CONFIGS), default=list(SHIPPED_CONFIGS),
+                        help="shipped configs for --scope whole")
+    parser.add_argument("--whole-repeats", type=positive_int, default=3, help="timed rounds of the whole scope")
+    parser.add_argument("--train-dataset", default="coco_mini_train", help="images of the whole training iterations")
+    parser.add_argument("--test-dataset", default="coco_mini_val", help="images of the whole inference passes")
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.repeats = [1, 2], 3
@@ -264,6 +257,26 @@ def main():
     device = torch.device(args.device)
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; python {sys.version.split()[0]}")
+    if args.scope != "whole":
+        rpn_scope(args, device)
+    if args.scope != "rpn":
+        whole_scope(args, device)
+
+
+def whole_scope(args, device):
+    print(f"\nwhole iterations: {args.whole_repeats} timed rounds after {args.warmup} warm-up; training on "
+          f"{args.train_dataset}, inference on {args.test_dataset} images; learning rate 0, so that every round "
+          "computes the same thing", flush=True)
+    results = []
+    for name in args.configs:
+        config, batch_size = SHIPPED_CONFIGS[name]
+        results += benchmark_config(name, str(REPO / config), batch_size, args.train_dataset, args.test_dataset,
+                                    args.whole_repeats, args.warmup, ["MODEL.DEVICE", str(device)])
+        print(format_whole_table([r for r in results if r.config == name]), flush=True)
+    print("\n" + format_whole_table(results))
+
+
+def rpn_scope(args, device):
     print(f"input {args.height}x{args.width}, R50-FPN features P2-P6 x {CHANNELS} channels; "
           f"{args.repeats} timed rounds after {args.warmup} warm-up; times in ms, median [min-max]")
     models = build_models(device)

@@ -24,7 +24,7 @@ Models whose configs differ only in post-processing (MODEL.FPN_RPN.NMS_MODE,
 MODEL.RPN.NMS_THRESH, top-K, score threshold, min size) and share their weights run the
 network once per image; each post-processing then works on the same head outputs:
 
-    --model cross=CFG:W.pth --model per_level=CFG:W.pth MODEL.FPN_RPN.NMS_MODE per_level
+    --model per_level=CFG:W.pth --model cross=CFG:W.pth MODEL.FPN_RPN.NMS_MODE cross_level
 
 The "dup/img" column counts near-duplicates: pairs among each image's top
 max(--budgets) proposals with IoU above --duplicate-iou (0.7, Detectron2's NMS

@@ -36,11 +36,12 @@ def goal_line(study_csv: Path) -> str:
     with open(study_csv) as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "sources" and r["definition"] == "d2"]
     ar = {r["source"]: float(r["AR@100"]) for r in rows}
-    ours = ar[next(s for s in ar if s.startswith("cross_level"))]
+    # the config's own post-processing: per-level NMS, fpn_rpn's default
+    ours = ar[next(s for s in ar if s.startswith("per_level"))]
     ss = ar["Selective Search (fast)"]
     met = ours >= GOAL_AR100 and ours > ss
     return (f"Goal (AR@100 >= {GOAL_AR100} and above Selective Search): {'met' if met else 'NOT met'}: "
-            f"cross-level AR@100 {ours:.3f}, Selective Search {ss:.3f}")
+            f"per-level NMS (the default) AR@100 {ours:.3f}, Selective Search {ss:.3f}")
 
 
 def main():

@@ -55,7 +55,7 @@ model = L(ProposalNetwork)(
         pre_nms_topk=(2000, 1000),  # (training, test), per FPN level
         post_nms_topk=(1000, 2000),  # (training, test), per image
         nms_thresh=0.7,
-        nms_mode="cross_level",
+        nms_mode="per_level",  # MODEL.FPN_RPN.NMS_MODE's default
     ),
     pixel_mean=[103.530, 116.280, 123.675],  # BGR, Detectron2's MODEL.PIXEL_MEAN
     pixel_std=[1.0, 1.0, 1.0],

@@ -13,6 +13,7 @@ from detectron2.modeling.anchor_generator import (
 )
 
 from ..errors import ConfigError
+from .speedups import SPEEDUPS
 
 __all__ = ["FPNAnchorGenerator", "validate_anchor_params"]
 
@@ -106,7 +107,7 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
         return super()._apply(fn, *args, **kwargs)
 
     def _grid_anchors(self, grid_sizes: List[List[int]]):
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or not SPEEDUPS.anchor_cache:
             return super()._grid_anchors(grid_sizes)
         cell_anchors = [x[1] for x in self.cell_anchors.named_buffers()]
         keys = [(level, int(size[0]), int(size[1]), base.device, base.dtype)

@@ -14,6 +14,7 @@ from .anchor_matching import match_and_sample
 from .config_checks import check_rpn_config
 from ..errors import ConfigError
 from .proposal_selection import select_proposals, top_k_proposals_per_level
+from .speedups import SPEEDUPS
 
 __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
 
@@ -28,9 +29,9 @@ class FPNRPN(RPN):
     Multi-level RPN for FPN. Training is Detectron2's RPN (IoU matching with the
     best anchor per ground truth kept, balanced sampling, objectness + box losses)
     with configurable loss normalisation. At inference, the per-level top-K
-    proposals of all levels go through one class-agnostic NMS per image
-    ("cross_level"), so a box predicted on two levels is kept once; "per_level"
-    reproduces Detectron2's RPN exactly. Every step runs batched over images, and
+    proposals go through NMS inside each level ("per_level", the default: Detectron2's
+    RPN exactly) or one class-agnostic NMS per image ("cross_level"), so that a box
+    predicted on two levels is kept once. Every step runs batched over images, and
     work whose result is unused is skipped: only the top-K anchors of each level are
     decoded, and box targets are computed for sampled positives only.
     """
@@ -39,7 +40,7 @@ class FPNRPN(RPN):
     def __init__(
         self,
         *,
-        nms_mode: str = "cross_level",
+        nms_mode: str = "per_level",
         score_thresh: float = 0.0,
         cls_loss_normalizer: str = "batch_size",
         loc_loss_normalizer: str = "batch_size",
@@ -47,8 +48,9 @@ class FPNRPN(RPN):
     ):
         """
         Args:
-            nms_mode (str): "cross_level" (one NMS over all levels of an image) or
-                "per_level" (NMS inside each level, as Detectron2).
+            nms_mode (str): "per_level" (NMS inside each level, as Detectron2; the
+                default, which the paired study on real photographs supports) or
+                "cross_level" (one NMS over all levels of an image).
             score_thresh (float): in [0, 1); proposals whose objectness probability is
                 below it are dropped before NMS at inference.
             cls_loss_normalizer, loc_loss_normalizer (str): divisor of the summed
@@ -117,6 +119,8 @@ class FPNRPN(RPN):
             list[Tensor]: N tensors (R, 4), the matched gt box of each positive anchor
                 (0 for the other anchors, whose values Detectron2 leaves undefined).
         """
+        if not SPEEDUPS.batched_matching:
+            return super().label_and_sample_anchors(anchors, gt_instances)
         anchors = Boxes.cat(anchors)
         ignore = None
         if self.anchor_boundary_thresh >= 0:

@@ -25,6 +25,8 @@ from detectron2.layers import batched_nms, cat
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import nms
 
+from .speedups import SPEEDUPS
+
 # Fewer boxes than this are not worth starting threads for.
 _THREADED_NMS_MIN_BOXES = 2000
 
@@ -126,7 +128,7 @@ def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float) 
 
     # torchvision's CPU NMS is single-threaded and releases the GIL: groups run side by side.
     workers = min(torch.get_num_threads(), len(group_idx))
-    if workers > 1 and len(boxes) >= _THREADED_NMS_MIN_BOXES:
+    if SPEEDUPS.threaded_cpu_nms and workers > 1 and len(boxes) >= _THREADED_NMS_MIN_BOXES:
         with ThreadPoolExecutor(workers) as pool:
             kept = list(pool.map(nms_group, group_idx))
     else:
@@ -255,7 +257,11 @@ def select_proposals(
     order = order[image_ids[order].sort(stable=True).indices]
     boxes, scores, image_ids, levels = boxes[order], scores[order], image_ids[order], levels[order]
     groups = image_ids * num_levels + levels if per_level_nms else image_ids
-    keep = nms_first_k(boxes, image_ids, groups, num_images, post_nms_topk, nms_thresh)
+    if SPEEDUPS.early_stopping_nms:
+        keep = nms_first_k(boxes, image_ids, groups, num_images, post_nms_topk, nms_thresh)
+    else:
+        keep = _nms_in_order(boxes, groups, nms_thresh)
+        keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
 
     counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
     results = []

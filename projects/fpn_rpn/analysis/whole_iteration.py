@@ -1,0 +1,160 @@
+"""
+Whole training iterations and whole inference passes of the configs fpn_rpn ships:
+what users live with (backbone, FPN, RPN, losses, backward and optimizer step), timed
+for Detectron2's stock RPN, for fpn_rpn, and for fpn_rpn with each of its speed-ups
+switched off in turn, side by side in one process on the same images.
+
+A speed-up's worth is the share of the whole iteration it saves: 1 - t(on) / t(off),
+per round (the models take turns within a round), reported as the median and the
+range over rounds. Data loading is left out (the images are mapped once, before).
+"""
+import copy
+import statistics
+from dataclasses import dataclass, fields
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
+
+from ..config import setup_cfg
+from ..modeling.speedups import SpeedUps, speedups_off
+from .proposal_sources import get_dataset_dicts
+from .timing import time_calls
+
+__all__ = ["SHIPPED_CONFIGS", "SPEEDUP_NAMES", "WholeResult", "benchmark_config", "format_whole_table"]
+
+# name -> (config file relative to the repository, images per iteration and process)
+SHIPPED_CONFIGS = {
+    "demo": ("configs/demo/fpn_rpn_EffLite0_synthetic.yaml", 4),
+    "Lite0 CPU": ("configs/fpn_rpn_EffLite0_FPN_coco_cpu.yaml", 4),
+    "R50-FPN 800px": ("configs/fpn_rpn_R_50_FPN_1x.yaml", 2),  # its 16 images over 8 GPUs
+}
+STOCK_RPN_OPTS = ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN", "MODEL.RPN.HEAD_NAME", "StandardRPNHead",
+                  "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"]
+SPEEDUP_NAMES = ("sparse_head_backward",) + tuple(f.name for f in fields(SpeedUps))
+STOCK, OURS = "stock RPN", "fpn_rpn"
+SETTINGS = ("train", "inference")
+
+
+@dataclass
+class WholeResult:
+    config: str
+    setting: str
+    batch_size: int
+    times: Dict[str, List[float]]  # variant -> seconds per round
+
+
+def without(name: str) -> str:
+    return f"fpn_rpn without {name}"
+
+
+def load_batch(cfg, dataset_name: str, batch_size: int, is_train: bool) -> List[dict]:
+    """The first ``batch_size`` images of the dataset that have boxes, mapped as the config's loader maps them."""
+    dicts = [d for d in get_dataset_dicts(dataset_name, cfgs=[cfg])
+             if any(not a.get("iscrowd", 0) for a in d.get("annotations", []))][:batch_size]
+    np.random.seed(0)  # the train mapper's random size and flip
+    mapper = DatasetMapper(cfg, is_train=is_train)
+    return [mapper(copy.deepcopy(d)) for d in dicts]
+
+
+def _train_step(model, optimizer, batch):
+    def step():
+        model.train()
+        torch.manual_seed(0)  # anchor sampling
+        with EventStorage():
+            losses = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return step
+
+
+def _inference_step(model, batch):
+    def step():
+        model.eval()
+        with torch.no_grad():
+            model(batch)
+    return step
+
+
+def _switched_off(step, model, name: str):
+    """``step`` run with the speed-up ``name`` off."""
+    head = model.proposal_generator.rpn_head
+
+    def off():
+        if name != "sparse_head_backward":
+            with speedups_off(name):
+                return step()
+        head.sparse_backward = False
+        try:
+            return step()
+        finally:
+            head.sparse_backward = True
+    return off
+
+
+def build_pair(config_file: str, opts: Sequence[str] = ()):
+    """fpn_rpn's model of the config and the same model with Detectron2's stock RPN, same weights."""
+    cfg = setup_cfg(config_file, list(opts))
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    stock = build_model(setup_cfg(config_file, [*opts, *STOCK_RPN_OPTS]))
+    stock.load_state_dict(ours.state_dict())
+    if not ours.proposal_generator.rpn_head.sparse_backward:
+        raise ValueError(f"{config_file} turns MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD off: "
+                         "the benchmark switches it off itself")
+    return cfg, ours, stock
+
+
+def benchmark_config(name: str, config_file: str, batch_size: int, train_dataset: str, test_dataset: str,
+                     repeats: int, warmup: int, opts: Sequence[str] = ()) -> List[WholeResult]:
+    cfg, ours, stock = build_pair(config_file, opts)
+    results = []
+    for setting in SETTINGS:
+        is_train = setting == "train"
+        batch = load_batch(cfg, train_dataset if is_train else test_dataset, batch_size, is_train)
+        steps = {}
+        for variant, model in ((STOCK, stock), (OURS, ours)):
+            if is_train:
+                optimizer = build_optimizer(cfg, model)
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.0  # every round computes the same thing
+                steps[variant] = _train_step(model, optimizer, batch)
+            else:
+                steps[variant] = _inference_step(model, batch)
+        for speedup in SPEEDUP_NAMES:
+            if is_train or speedup not in ("sparse_head_backward", "batched_matching"):  # training-only
+                steps[without(speedup)] = _switched_off(steps[OURS], ours, speedup)
+        times = time_calls(steps, repeats, warmup, torch.device(cfg.MODEL.DEVICE), desc=f"{name} {setting}")
+        results.append(WholeResult(name, setting, len(batch), times))
+    return results
+
+
+def _median_range(values: Sequence[float], fmt: str) -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def format_whole_table(results: Sequence[WholeResult]) -> str:
+    """
+    One row per config, setting and variant: seconds per call, and against fpn_rpn with
+    everything on, per round: stock / fpn_rpn for the stock RPN, the share a speed-up saves
+    (1 - on / off) for the variants without one.
+    """
+    lines = ["| config | setting | images | variant | s per call, median [min, max] | vs fpn_rpn, per round |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ours = r.times[OURS]
+        for variant, t in r.times.items():
+            if variant == STOCK:
+                versus = "stock / fpn_rpn " + _median_range([s / o for s, o in zip(t, ours)], "{:.2f}x")
+            elif variant == OURS:
+                versus = "-"
+            else:
+                versus = "saves " + _median_range([100 * (1 - o / s) for s, o in zip(t, ours)], "{:+.1f}%")
+            lines.append(f"| {r.config} | {r.setting} | {r.batch_size} | {variant} | "
+                         f"{_median_range(t, '{:.3f}')} | {versus} |")
+    return "\n".join(lines)
