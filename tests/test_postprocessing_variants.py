@@ -17,8 +17,8 @@ from conftest import REPO
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 224]
 VARIANTS = [
-    [],
-    ["MODEL.FPN_RPN.NMS_MODE", "per_level"],
+    ["MODEL.FPN_RPN.NMS_MODE", "cross_level"],
+    [],  # the default, per_level
     ["MODEL.RPN.NMS_THRESH", 0.5, "MODEL.RPN.PRE_NMS_TOPK_TEST", 50, "MODEL.RPN.POST_NMS_TOPK_TEST", 100],
 ]
 
