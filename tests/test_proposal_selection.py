@@ -6,9 +6,8 @@ import pytest
 import torch
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.structures import pairwise_iou
-from torchvision.ops import nms
 
-from fpn_rpn.modeling.proposal_selection import nms_first_k, select_proposals, top_k_proposals_per_level, top_k_scores
+from fpn_rpn.modeling.proposal_selection import select_proposals, top_k_proposals_per_level, top_k_scores
 
 NMS_THRESH = 0.7
 
@@ -186,36 +185,3 @@ def test_top_k_scores_equal_a_stable_sort_with_ties():
     values, indices = top_k_scores(untied, 50)
     torch.testing.assert_close(indices, untied.sort(dim=1, descending=True, stable=True).indices[:, :50],
                                rtol=0, atol=0)
-
-
-def _clustered_boxes(num_images, per_image, spread, seed):
-    """Boxes jittered around a few centres: the smaller ``spread``, the more NMS removes."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(num_images, 20, 2, generator=g) * 200
-    pick = torch.randint(0, 20, (num_images, per_image), generator=g)
-    ctr = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(num_images, per_image, 2,
-                                                                               generator=g) * spread
-    wh = 20 + torch.rand(num_images, per_image, 2, generator=g) * 10
-    return torch.cat((ctr - wh / 2, ctr + wh / 2), dim=2).reshape(-1, 4)
-
-
-@pytest.mark.parametrize("spread", [1.0, 30.0])  # most boxes suppressed; few suppressed
-@pytest.mark.parametrize("per_level", [False, True])
-def test_nms_first_k_equals_full_nms_cut_to_k(spread, per_level):
-    num_images, per_image = 3, 700  # 2100 boxes: NMS groups run on threads
-    boxes = _clustered_boxes(num_images, per_image, spread, seed=int(spread))
-    image_ids = torch.arange(num_images).repeat_interleave(per_image)
-    levels = torch.arange(per_image).remainder(3).repeat(num_images)
-    groups = image_ids * 3 + levels if per_level else image_ids
-    keys = -torch.arange(len(boxes), dtype=torch.float32)  # priority: index order
-    full = []
-    for group in groups.unique():
-        idx = (groups == group).nonzero().squeeze(1)
-        full.append(idx[nms(boxes[idx], keys[idx], 0.7)])
-    full = torch.cat(full).sort().values
-    for k in (1, 10, 60, 150, 400):
-        for first_prefix in (0, 2, 50):  # several rounds when the first prefix is small
-            kept = nms_first_k(boxes, image_ids, groups, num_images, k, 0.7, first_prefix=first_prefix)
-            expected = torch.cat([full[image_ids[full] == i][:k] for i in range(num_images)])
-            torch.testing.assert_close(kept, expected, rtol=0, atol=0)
-    assert 0 < len(full) < len(boxes)

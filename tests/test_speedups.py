@@ -6,12 +6,12 @@ import torch
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.utils.events import EventStorage
 
-from fpn_rpn.modeling import proposal_generator, proposal_selection
+from fpn_rpn.modeling import proposal_selection
 from fpn_rpn.modeling.speedups import SPEEDUPS, speedups_off
 
 from test_proposal_generator import SHAPES, _cfg, _inputs, _randomize_head
 
-SWITCHES = ["early_stopping_nms", "threaded_cpu_nms", "anchor_cache", "batched_matching"]
+SWITCHES = ["threaded_cpu_nms", "anchor_cache"]
 
 
 def _run(rpn, images, features, gt):
@@ -39,10 +39,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("nms_mode", ["per_level", "cross_level"])
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_each_speedup_off_gives_the_same_results(switch, nms_mode, monkeypatch, request):
-    # few enough kept proposals that NMS stops early; for the threads, enough boxes in one NMS call
-    top_k = 2000 if switch == "threaded_cpu_nms" else 50
-    rpn = build_proposal_generator(
-        _cfg(NMS_MODE=nms_mode, POST_NMS_TOPK_TRAIN=top_k, POST_NMS_TOPK_TEST=top_k), SHAPES)
+    rpn = build_proposal_generator(_cfg(NMS_MODE=nms_mode), SHAPES)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # threads need two
     request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -50,13 +47,11 @@ def test_each_speedup_off_gives_the_same_results(switch, nms_mode, monkeypatch, 
     images, features, gt = _inputs()
     assert sum(min(f.shape[2] * f.shape[3] * 3, 1000) for f in features.values()) * 2 >= \
         proposal_selection._THREADED_NMS_MIN_BOXES
-    calls = {"nms_first_k": 0, "match_and_sample": 0, "ThreadPoolExecutor": 0}
-    for module, name in ((proposal_selection, "nms_first_k"), (proposal_generator, "match_and_sample"),
-                         (proposal_selection, "ThreadPoolExecutor")):
-        monkeypatch.setattr(module, name, _counted(getattr(module, name), name, calls))
+    calls = {"ThreadPoolExecutor": 0}
+    monkeypatch.setattr(proposal_selection, "ThreadPoolExecutor",
+                        _counted(proposal_selection.ThreadPoolExecutor, "ThreadPoolExecutor", calls))
     on = _run(rpn, images, features, gt)
-    assert calls["nms_first_k"] == 2 and calls["match_and_sample"] == 1
-    assert (calls["ThreadPoolExecutor"] > 0) == (switch == "threaded_cpu_nms")
+    assert calls["ThreadPoolExecutor"] > 0
     assert len(rpn.anchor_generator._anchor_cache)
     before = dict(calls)
     rpn.anchor_generator._anchor_cache.clear()
@@ -66,10 +61,8 @@ def test_each_speedup_off_gives_the_same_results(switch, nms_mode, monkeypatch, 
     assert getattr(SPEEDUPS, switch) is True
     _assert_same(on, off)
     # the switch took the plain path: its fast one was not called again
-    fast_path = {"early_stopping_nms": "nms_first_k", "batched_matching": "match_and_sample",
-                 "threaded_cpu_nms": "ThreadPoolExecutor"}
-    if switch in fast_path:
-        assert calls[fast_path[switch]] == before[fast_path[switch]]
+    if switch == "threaded_cpu_nms":
+        assert calls["ThreadPoolExecutor"] == before["ThreadPoolExecutor"]
     else:
         assert len(rpn.anchor_generator._anchor_cache) == 0
 

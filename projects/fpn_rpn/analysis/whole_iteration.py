@@ -127,7 +127,7 @@ def benchmark_config(name: str, config_file: str, batch_size: int, train_dataset
             else:
                 steps[variant] = _inference_step(model, batch)
         for speedup in SPEEDUP_NAMES:
-            if is_train or speedup not in ("sparse_head_backward", "batched_matching"):  # training-only
+            if is_train or speedup != "sparse_head_backward":  # training-only
                 steps[without(speedup)] = _switched_off(steps[OURS], ours, speedup)
         times = time_calls(steps, repeats, warmup, torch.device(cfg.MODEL.DEVICE), desc=f"{name} {setting}")
         results.append(WholeResult(name, setting, len(batch), times))

@@ -8,9 +8,6 @@ Detectron2's path without changing its result:
 - the per-level top-K is a ``topk`` rather than a sort of every score, where the two
   select the same anchors;
 - :func:`top_k_proposals_per_level` decodes only the selected anchors, not all of them;
-- NMS stops once ``post_nms_topk`` boxes of an image are kept (:func:`nms_first_k`):
-  greedy NMS never revisits a kept box, so the boxes kept among the best-scoring ones
-  do not depend on the rest;
 - on CPU the NMS groups (images, or image levels) run on torch's threads side by side.
 
 Equal scores are ordered by index (level, then anchor), as a stable sort leaves them,
@@ -34,7 +31,6 @@ __all__ = [
     "select_proposals",
     "top_k_proposals_per_level",
     "top_k_scores",
-    "nms_first_k",
 ]
 
 
@@ -136,60 +132,6 @@ def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float) 
     return cat(kept).sort().values if kept else groups.new_zeros((0,))
 
 
-def nms_first_k(
-    boxes: torch.Tensor,
-    image_ids: torch.Tensor,
-    groups: torch.Tensor,
-    num_images: int,
-    k: int,
-    nms_thresh: float,
-    first_prefix: int = 0,
-) -> torch.Tensor:
-    """
-    The first ``k`` boxes of each image kept by greedy NMS within ``groups``, taking the
-    boxes in index order.
-
-    NMS runs on a prefix of each image's boxes, then on the boxes kept so far plus the
-    next ones, until ``k`` are kept or no box is left: a box is kept by greedy NMS iff no
-    box kept before it overlaps it, so this is the same as one NMS over all boxes, cut
-    to ``k``, for a fraction of the cost when ``k`` is reached early.
-
-    Args:
-        boxes: (R, 4), sorted by image, then by priority.
-        image_ids: (R,) image of each box; groups: (R,) NMS group (within an image).
-        first_prefix: boxes per image in the first round; 0 chooses 1.1 * k.
-
-    Returns:
-        indices of the kept boxes, ascending, at most ``k`` per image.
-    """
-    counts = torch.bincount(image_ids, minlength=num_images)
-    rank = rank_among(image_ids, num_images)
-    max_count = int(counts.max()) if len(boxes) else 0
-    prefix = min(max_count, first_prefix or math.ceil(1.1 * k))
-    done_rank = 0  # boxes with a lower rank have been through NMS
-    active = torch.ones(num_images, dtype=torch.bool, device=boxes.device)
-    carried = image_ids.new_zeros((0,))  # kept boxes of images still active
-    finished = []
-    while max_count:
-        new = ((rank >= done_rank) & (rank < prefix) & active[image_ids]).nonzero().squeeze(1)
-        candidates = torch.cat((carried, new)).sort().values
-        kept = candidates[_nms_in_order(boxes[candidates], groups[candidates], nms_thresh)]
-        kept_count = torch.bincount(image_ids[kept], minlength=num_images)
-        now_done = active & ((kept_count >= k) | (counts <= prefix))
-        is_done = now_done[image_ids[kept]]
-        finished.append(kept[is_done])
-        active &= ~now_done
-        if not bool(active.any()):
-            break
-        carried = kept[~is_done]
-        # Next prefix: enough boxes for the slowest image at its keep rate so far.
-        least_kept = int(kept_count[active].min())
-        growth = 4.0 if least_kept == 0 else min(4.0, max(1.25, 1.1 * k / least_kept))
-        done_rank, prefix = prefix, min(max_count, math.ceil(prefix * growth))
-    kept = cat(finished).sort().values if finished else image_ids.new_zeros((0,))
-    return kept[rank_among(image_ids[kept], num_images) < k]
-
-
 def rank_among(image_ids: torch.Tensor, num_images: int) -> torch.Tensor:
     """Position of each element among those of its image, for ``image_ids`` sorted ascending."""
     counts = torch.bincount(image_ids, minlength=num_images)
@@ -257,11 +199,8 @@ def select_proposals(
     order = order[image_ids[order].sort(stable=True).indices]
     boxes, scores, image_ids, levels = boxes[order], scores[order], image_ids[order], levels[order]
     groups = image_ids * num_levels + levels if per_level_nms else image_ids
-    if SPEEDUPS.early_stopping_nms:
-        keep = nms_first_k(boxes, image_ids, groups, num_images, post_nms_topk, nms_thresh)
-    else:
-        keep = _nms_in_order(boxes, groups, nms_thresh)
-        keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
+    keep = _nms_in_order(boxes, groups, nms_thresh)
+    keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
 
     counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
     results = []

@@ -15,14 +15,10 @@ __all__ = ["SPEEDUPS", "SpeedUps", "speedups_off"]
 
 @dataclass
 class SpeedUps:
-    # NMS stops once POST_NMS_TOPK boxes of an image are kept (proposal_selection.nms_first_k)
-    early_stopping_nms: bool = True
     # On CPU, the NMS of the images (or image levels) of a batch run on torch's threads
     threaded_cpu_nms: bool = True
     # FPNAnchorGenerator keeps the anchors of recent feature-map sizes
     anchor_cache: bool = True
-    # Anchors of all images labelled in one pass (anchor_matching.match_and_sample)
-    batched_matching: bool = True
 
 
 SPEEDUPS = SpeedUps()
