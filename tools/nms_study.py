@@ -55,7 +55,8 @@ def parse_args(argv=None):
     add("--nms-threshs", type=unit_interval, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     add("--pre-nms-topks", type=positive_int, nargs="+", default=[250, 500, 1000, 2000])
     add("--random-init-config", default=str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"),
-        help="an untrained network for the table (random init), at the study config's input size and anchors")
+        help="an untrained network for the table (random init), at the study config's input size and anchors; "
+             "'none': no untrained row")
     add("--max-images", type=positive_int, default=None)
     add("--ss-max-side", type=positive_int, default=None)
     add("--opts", nargs="*", default=[], help="KEY VALUE pairs for every config")
@@ -85,7 +86,7 @@ def study_dataset(args, dataset, out):
         results += run_checkpoint(cfgs, dataset, dicts, gt, budgets, cache, label)
     same_input = ["INPUT.MIN_SIZE_TEST", base.INPUT.MIN_SIZE_TEST, "INPUT.MAX_SIZE_TEST", base.INPUT.MAX_SIZE_TEST,
                   "MODEL.ANCHOR_GENERATOR.SIZES", str(base.MODEL.ANCHOR_GENERATOR.SIZES)]
-    random_cfg = setup_cfg(args.random_init_config, same_input)
+    random_cfg = None if args.random_init_config == "none" else setup_cfg(args.random_init_config, same_input)
     baselines = run_baselines(base, random_cfg, "R-18 GN FPN (random init)", dataset, dicts, gt, budgets, cache,
                               args.ss_max_side)
     cross, per = (find(results, final_label, v) for v in default_pair(thresh, topk))

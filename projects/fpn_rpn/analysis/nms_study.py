@@ -85,19 +85,22 @@ def run_baselines(anchor_cfg, random_cfg, random_name, dataset_name, dataset_dic
                   ss_max_side=None, progress=True) -> List[SourceResult]:
     """
     Selective Search (fast, seeded), the bare anchors (random order) and an untrained
-    network; their duplicates at ``anchor_cfg``'s NMS IoU.
+    network (none if ``random_cfg`` is None); their duplicates at ``anchor_cfg``'s NMS IoU.
     """
     iou = anchor_cfg.MODEL.RPN.NMS_THRESH
     key = cache_key("selective_search", dataset_name, dataset_dicts, mode="fast", max_side=ss_max_side, seed=0)
     ss, ss_seconds, _ = cached(cache_dir, "selective_search", key,
                                lambda: selective_search(dataset_dicts, ss_max_side, 0, progress))
     anchors, anchor_seconds = anchor_proposals(anchor_cfg, dataset_dicts, 0, progress)
-    untrained = run_models_cached([(random_name, random_cfg, True)], dataset_name, dataset_dicts, cache_dir, progress)
-    return [
+    results = [
         evaluate_source("Selective Search (fast)", ss, ss_seconds, gt, budgets, iou),
         evaluate_source("anchors (random order)", anchors, anchor_seconds, gt, budgets, iou),
-        evaluate_source(random_name, *untrained[random_name][:2], gt, budgets, iou),
     ]
+    if random_cfg is not None:
+        untrained = run_models_cached([(random_name, random_cfg, True)], dataset_name, dataset_dicts, cache_dir,
+                                      progress)
+        results.append(evaluate_source(random_name, *untrained[random_name][:2], gt, budgets, iou))
+    return results
 
 
 def ground_truth(dataset_name, dataset_dicts):
