@@ -61,7 +61,7 @@ def main():
          "DATASETS.TEST", "()", *args.opts])
     run("cross-level vs per-level NMS on the same weights, and baselines",
         [REPO / "tools" / "nms_study.py", "--config", CONFIG, "--checkpoints", f"final={train_dir / 'model_final.pth'}",
-         "--datasets", DATASET, "--output-dir", study_dir, "--nms-threshs", "0.5", "0.6", "0.7", "--pre-nms-topks", "1000",
+         "--datasets", DATASET, "--output-dir", study_dir, "--nms-threshs", "0.7", "--pre-nms-topks", "1000",
          # Selective Search on images about the size the network sees (the config's MAX_SIZE_TEST):
          # at full size it ran at 3 s per image, about 5 minutes for the 100 val images
          "--ss-max-side", SS_MAX_SIDE,
