@@ -11,7 +11,6 @@ functions sort), the form :func:`fpn_rpn.evaluation.proposal_recall.evaluate_rec
 
 :func:`cached` keeps the proposals of slow sources on disk, keyed by what they depend on.
 """
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -280,13 +279,12 @@ def selective_search(
     workers = max(1, min(workers or os.cpu_count() or 1, len(dataset_dicts)))
     search = functools.partial(_selective_search_image, max_side=max_side, seed=seed)
     file_names = [record["file_name"] for record in dataset_dicts]
-    with contextlib.ExitStack() as stack:
-        results = map(search, file_names)
-        if workers > 1:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap(search, file_names)
-        results = list(tqdm(results, total=len(file_names), desc="selective search", unit="img",
-                            disable=not progress))
+    bar = functools.partial(tqdm, total=len(file_names), desc="selective search", unit="img", disable=not progress)
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(bar(pool.imap(search, file_names)))
+    else:
+        results = list(bar(map(search, file_names)))
     proposals = {record["image_id"]: boxes for record, (boxes, _) in zip(dataset_dicts, results)}
     return proposals, sum(seconds for _, seconds in results) / max(len(dataset_dicts), 1)
 
