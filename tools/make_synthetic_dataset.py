@@ -15,7 +15,7 @@ import argparse
 import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.data.datasets imports)
 from fpn_rpn.data import synthetic_data
 from fpn_rpn.data.datasets import synthetic_root
-from fpn_rpn.errors import ArgumentParser, non_negative_int, run_cli
+from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
 
 
 def main():
@@ -28,9 +28,10 @@ def main():
     parser.add_argument("--seed", type=non_negative_int, default=synthetic_data.DEFAULT_SEED)
     parser.add_argument("--num-train", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_TRAIN)
     parser.add_argument("--num-val", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_VAL)
+    parser.add_argument("--workers", type=positive_int, help="threads drawing images (default: one per CPU core)")
     args = parser.parse_args()
     paths = synthetic_data.generate_synthetic_dataset(
-        args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val
+        args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val, workers=args.workers
     )
     for split, (json_file, image_root) in paths.items():
         print(f"{split}: json_file={json_file} image_root={image_root}")

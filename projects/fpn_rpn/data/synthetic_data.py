@@ -28,8 +28,9 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -82,7 +83,11 @@ def dataset_paths(root) -> Dict[str, Tuple[str, str]]:
 
 
 def generate_synthetic_dataset(
-    root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL
+    root,
+    seed: int = DEFAULT_SEED,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    workers: Optional[int] = None,
 ) -> Dict[str, Tuple[str, str]]:
     """
     Generate the dataset under ``root`` unless it already holds one made with the same
@@ -90,6 +95,11 @@ def generate_synthetic_dataset(
 
     The files are written to a temporary folder next to ``root`` that is renamed to
     ``root`` once complete, so an interrupted run leaves no partial dataset behind.
+
+    Args:
+        workers: threads drawing images side by side (default: one per CPU core). NumPy
+            and OpenCV release the GIL in the whole-image work, and each image has its
+            own generator, so the files do not depend on it.
 
     Returns:
         dict: split ("train", "val") -> (json_file, image_root), as strings.
@@ -118,8 +128,9 @@ def generate_synthetic_dataset(
     try:
         print(f"fpn_rpn: generating the synthetic dataset {params} in {root}", flush=True)
         start = time.perf_counter()
+        workers = max(1, workers or os.cpu_count() or 1)
         for split_index, (split, num_images) in enumerate(zip(SPLITS, (num_train, num_val))):
-            _write_split(tmp, split, split_index, num_images, seed)
+            _write_split(tmp, split, split_index, num_images, seed, workers)
         _write_json(tmp / _MANIFEST, params)
         try:
             os.rename(tmp, root)
@@ -146,25 +157,31 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, separators=(",", ":"))
 
 
-def _write_split(root: Path, split: str, split_index: int, num_images: int, seed: int) -> None:
+def _encoded_image(seed: int, split_index: int, index: int) -> Tuple[bytes, Tuple[int, int], List[dict]]:
+    """Image ``index`` of a split as JPEG bytes, with its (height, width) and objects."""
+    # spawn_key makes each image's stream independent of the others and of the counts
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index, index)))
+    image, objects, _ = render_image(rng, empty=index % EMPTY_EVERY == 0)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode image {index + 1} as JPEG")
+    return encoded.tobytes(), image.shape[:2], objects
+
+
+def _write_split(root: Path, split: str, split_index: int, num_images: int, seed: int, workers: int) -> None:
     image_dir = root / split
     image_dir.mkdir()
     images, annotations = [], []
-    for i in range(num_images):
-        # spawn_key makes each image's stream independent of the others and of the counts
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index, i)))
-        image, objects, _ = render_image(rng, empty=i % EMPTY_EVERY == 0)
-        file_name = f"{i + 1:06d}.jpg"
-        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise RuntimeError(f"OpenCV could not encode {file_name} as JPEG")
-        (image_dir / file_name).write_bytes(encoded.tobytes())
-        height, width = image.shape[:2]
-        images.append({"id": i + 1, "file_name": file_name, "height": height, "width": width})
-        for obj in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
-        if (i + 1) % 100 == 0 or i + 1 == num_images:
-            print(f"fpn_rpn: {split}: {i + 1}/{num_images} images", flush=True)
+    with ThreadPoolExecutor(workers) as pool:
+        encoded_images = pool.map(_encoded_image, [seed] * num_images, [split_index] * num_images, range(num_images))
+        for i, (encoded, (height, width), objects) in enumerate(encoded_images):
+            file_name = f"{i + 1:06d}.jpg"
+            (image_dir / file_name).write_bytes(encoded)
+            images.append({"id": i + 1, "file_name": file_name, "height": height, "width": width})
+            for obj in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
+            if (i + 1) % 100 == 0 or i + 1 == num_images:
+                print(f"fpn_rpn: {split}: {i + 1}/{num_images} images", flush=True)
     (root / "annotations").mkdir(exist_ok=True)
     dataset = {
         "info": {"description": "fpn_rpn synthetic shapes", "version": str(GENERATOR_VERSION)},
