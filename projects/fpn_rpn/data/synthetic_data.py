@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 DEFAULT_SEED = 0
-# About 20 s to generate on one CPU core; enough for the demo's few hundred iterations.
+# 24 s to generate on 2 CPU cores, imports included (34 s on one thread, in a slower session);
+# enough for the demo's few hundred iterations.
 DEFAULT_NUM_TRAIN = 400
 DEFAULT_NUM_VAL = 100
 # Bump when a change alters the generated files, so that an old dataset is not reused.
