@@ -46,7 +46,7 @@ def test_tool_on_two_photographs(coco_mini, tmp_path):
     load_tool("nms_study").main([
         "--config", DEMO_CONFIG, "--checkpoints", f"a={weights}", f"b={weights}", "--datasets", "coco_mini_val",
         "--max-images", "2", "--output-dir", str(tmp_path / "out"), "--nms-threshs", "0.6", "0.7",
-        "--pre-nms-topks", "1000", "--ss-max-side", "96", "--opts", *SMALL_INPUT,
+        "--pre-nms-topks", "1000", "--ss-max-side", "192", "--opts", *SMALL_INPUT,
     ])
     with open(tmp_path / "out" / "study.csv") as f:
         rows = list(csv.DictReader(f))
@@ -60,13 +60,16 @@ def test_tool_on_two_photographs(coco_mini, tmp_path):
     assert float(paired[0]["per-level dup/img"]) > 0
     assert (tmp_path / "out" / "ar_vs_proposals_coco_mini_val.png").stat().st_size > 0
     assert "Cross-level minus per-level" in (tmp_path / "out" / "study.md").read_text()
-    # without the untrained row (the demo's shorter study), from the proposals cached above
+    # without the untrained row (the demo's shorter study), from the proposals cached above: Selective
+    # Search at the config's MAX_SIZE_TEST (192) is the one cached at --ss-max-side 192, so nothing is added
+    cached = sorted(p.name for p in (tmp_path / "out" / "cache").rglob("*"))
     load_tool("nms_study").main([
         "--config", DEMO_CONFIG, "--checkpoints", f"b={weights}", "--datasets", "coco_mini_val", "--max-images", "2",
         "--output-dir", str(tmp_path / "out2"), "--cache-dir", str(tmp_path / "out" / "cache"),
-        "--nms-threshs", "0.7", "--pre-nms-topks", "1000", "--ss-max-side", "96", "--random-init-config", "none",
+        "--nms-threshs", "0.7", "--pre-nms-topks", "1000", "--ss-max-side", "test", "--random-init-config", "none",
         "--opts", *SMALL_INPUT,
     ])
     with open(tmp_path / "out2" / "study.csv") as f:
         sources = {r["source"] for r in csv.DictReader(f) if r["kind"] == "sources"}
     assert "Selective Search (fast)" in sources and not any("random init" in s for s in sources)
+    assert sorted(p.name for p in (tmp_path / "out" / "cache").rglob("*")) == cached

@@ -22,7 +22,6 @@ CONFIG = REPO / "configs" / "demo" / "fpn_rpn_EffLite0_synthetic.yaml"
 DATASET = "fpn_rpn_synthetic_val"
 GOAL_AR100 = 0.5
 DEFAULT_ROW = "per_level NMS 0.7 top-K 1000"
-SS_MAX_SIDE = 448
 
 
 def run(step: str, cmd) -> None:
@@ -64,7 +63,7 @@ def main():
          "--datasets", DATASET, "--output-dir", study_dir, "--nms-threshs", "0.7", "--pre-nms-topks", "1000",
          # Selective Search on images about the size the network sees (the config's MAX_SIZE_TEST):
          # at full size it ran at 3 s per image, about 5 minutes for the 100 val images
-         "--ss-max-side", SS_MAX_SIDE,
+         "--ss-max-side", "test",
          # the untrained network's row costs half a minute of the 10 and is not part of the goal
          "--random-init-config", "none",
          "--opts", *args.opts])

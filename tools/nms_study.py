@@ -43,6 +43,10 @@ from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _max_side(text):
+    return text if text == "test" else positive_int(text)
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +62,9 @@ def parse_args(argv=None):
         help="an untrained network for the table (random init), at the study config's input size and anchors; "
              "'none': no untrained row")
     add("--max-images", type=positive_int, default=None)
-    add("--ss-max-side", type=positive_int, default=None)
+    add("--ss-max-side", type=_max_side, default=None,
+        help="shrink images to this longer side for Selective Search (default: full size); "
+             "'test': the config's INPUT.MAX_SIZE_TEST, the largest side the network sees")
     add("--opts", nargs="*", default=[], help="KEY VALUE pairs for every config")
     args = parser.parse_args(argv)
     try:
@@ -87,8 +93,9 @@ def study_dataset(args, dataset, out):
     same_input = ["INPUT.MIN_SIZE_TEST", base.INPUT.MIN_SIZE_TEST, "INPUT.MAX_SIZE_TEST", base.INPUT.MAX_SIZE_TEST,
                   "MODEL.ANCHOR_GENERATOR.SIZES", str(base.MODEL.ANCHOR_GENERATOR.SIZES)]
     random_cfg = None if args.random_init_config == "none" else setup_cfg(args.random_init_config, same_input)
+    ss_max_side = base.INPUT.MAX_SIZE_TEST if args.ss_max_side == "test" else args.ss_max_side
     baselines = run_baselines(base, random_cfg, "R-18 GN FPN (random init)", dataset, dicts, gt, budgets, cache,
-                              args.ss_max_side)
+                              ss_max_side)
     cross, per = (find(results, final_label, v) for v in default_pair(thresh, topk))
     csv_rows = []
     for definition in ("d2", "coco"):
