@@ -263,7 +263,8 @@ def selective_search(
             are scaled back to the original image.
         workers: processes searching images side by side (default: one per CPU core).
             On 2 cores the demo's 100 val images took 99 s, against 150 s in one process
-            the day before; each image is seeded alone, so the boxes do not depend on it.
+            on another day (not timed side by side); each image is seeded alone, so the
+            boxes do not depend on it.
 
     Returns:
         image_id -> proposals, and the mean seconds per image (resize and search, as

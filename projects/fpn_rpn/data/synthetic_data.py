@@ -23,6 +23,7 @@ that the same seed gives byte-identical files (with the same numpy and OpenCV) a
 image does not depend on how many images are generated.
 """
 import colorsys
+import functools
 import json
 import os
 import shutil
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_SEED = 0
-# 24 s to generate on 2 CPU cores, imports included (34 s on one thread, in a slower session);
-# enough for the demo's few hundred iterations.
+# On 2 CPU cores, imports included: 24-34 s with two threads, 38-42 s with one (two runs
+# each, interleaved); enough for the demo's few hundred iterations.
 DEFAULT_NUM_TRAIN = 400
 DEFAULT_NUM_VAL = 100
 # Bump when a change alters the generated files, so that an old dataset is not reused.
@@ -174,7 +175,7 @@ def _write_split(root: Path, split: str, split_index: int, num_images: int, seed
     image_dir.mkdir()
     images, annotations = [], []
     with ThreadPoolExecutor(workers) as pool:
-        encoded_images = pool.map(_encoded_image, [seed] * num_images, [split_index] * num_images, range(num_images))
+        encoded_images = pool.map(functools.partial(_encoded_image, seed, split_index), range(num_images))
         for i, (encoded, (height, width), objects) in enumerate(encoded_images):
             file_name = f"{i + 1:06d}.jpg"
             (image_dir / file_name).write_bytes(encoded)
