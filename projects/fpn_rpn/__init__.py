@@ -3,8 +3,8 @@
 Importing this package registers, in Detectron2's registries:
 
 - ``FPNAnchorGenerator`` (ANCHOR_GENERATOR_REGISTRY)
-- ``FPNRPNHead`` (RPN_HEAD_REGISTRY)
-- ``FPNRPN`` (PROPOSAL_GENERATOR_REGISTRY)
+- ``FPNRPNHead``, ``CascadeRPNHead`` (RPN_HEAD_REGISTRY)
+- ``FPNRPN``, ``CascadeRPN`` (PROPOSAL_GENERATOR_REGISTRY)
 - ``build_efficientnet_lite_backbone``, ``build_efficientnet_lite_fpn_backbone`` (BACKBONE_REGISTRY)
 
 Call :func:`add_fpn_rpn_config` on a config before merging a YAML that uses them.
@@ -21,6 +21,8 @@ from .config import add_fpn_rpn_config, setup_cfg  # noqa: E402
 from .modeling.anchor_generator import FPNAnchorGenerator  # noqa: E402
 from .modeling.rpn_head import FPNRPNHead  # noqa: E402
 from .modeling.proposal_generator import FPNRPN  # noqa: E402
+from .modeling.cascade_rpn_head import CascadeRPNHead  # noqa: E402
+from .modeling.cascade_rpn import CascadeRPN  # noqa: E402
 from .modeling.backbone import EfficientNetLite  # noqa: E402  (also registers its builders)
 from .data.datasets import register_coco_json, register_datasets  # noqa: E402
 from .data.synthetic_data import generate_synthetic_dataset  # noqa: E402
@@ -32,6 +34,8 @@ __all__ = [
     "FPNAnchorGenerator",
     "FPNRPNHead",
     "FPNRPN",
+    "CascadeRPNHead",
+    "CascadeRPN",
     "EfficientNetLite",
     "register_coco_json",
     "register_datasets",

@@ -47,6 +47,27 @@ def add_fpn_rpn_config(cfg):
     cfg.MODEL.FPN_RPN.CLS_LOSS_NORMALIZER = "batch_size"
     cfg.MODEL.FPN_RPN.LOC_LOSS_NORMALIZER = "batch_size"
 
+    # Cascade RPN (PROPOSAL_GENERATOR.NAME "CascadeRPN", RPN.HEAD_NAME "CascadeRPNHead"): the
+    # keys of its first stage. Stage 2 uses MODEL.RPN.* (matching, sampling, box weights,
+    # losses, top-K, NMS) as the single-stage RPN does. Defaults are MMDetection's
+    # configs/cascade_rpn/crpn_r50_caffe_fpn_1x_coco.py.
+    cfg.MODEL.FPN_RPN.CASCADE = CN()
+    # Stage 1's Box2BoxTransform weights: MMDetection's target_stds (0.1, 0.1, 0.5, 0.5) inverted.
+    cfg.MODEL.FPN_RPN.CASCADE.STAGE1_BBOX_REG_WEIGHTS = (10.0, 10.0, 2.0, 2.0)
+    # Weight of stage 1's IoU loss (MODEL.RPN.BBOX_REG_LOSS_TYPE), divided by anchors / 200.
+    cfg.MODEL.FPN_RPN.CASCADE.STAGE1_LOSS_WEIGHT = 10.0
+    # Stage-1 assignment: an anchor whose centre lies in the middle CENTER_RATIO of a box
+    # of its level is positive; in the middle IGNORE_RATIO (but not the centre), ignored.
+    cfg.MODEL.FPN_RPN.CASCADE.CENTER_RATIO = 0.2
+    cfg.MODEL.FPN_RPN.CASCADE.IGNORE_RATIO = 0.5
+    # Dilation of stage 1's 3x3 convolution (its taps span the 8 x stride square anchor).
+    cfg.MODEL.FPN_RPN.CASCADE.DILATION = 3
+    # A stage-2 positive taken as the best match of a ground truth needs this IoU.
+    cfg.MODEL.FPN_RPN.CASCADE.MIN_POS_IOU = 0.3
+    # How stage 2's adaptive convolution samples: "grid_sample" (bilinear sampling + one
+    # matmul, the faster on CPU: docs/cascade_rpn.md) or "deform_conv2d" (torchvision).
+    cfg.MODEL.FPN_RPN.CASCADE.ADAPTIVE_CONV_IMPL = "grid_sample"
+
     # EfficientNet-Lite backbone (build_efficientnet_lite_backbone, _fpn_backbone). Its
     # freezing is MODEL.BACKBONE.FREEZE_AT (0: none; k: the stem and the blocks up to
     # stride 2**k). It expects INPUT.FORMAT "RGB", MODEL.PIXEL_MEAN [127, 127, 127] and

@@ -8,8 +8,9 @@ from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGI
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import giou_loss, smooth_l1_loss
+from fvcore.nn import smooth_l1_loss
 
+from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .config_checks import check_rpn_config
 from ..errors import ConfigError
 from .proposal_selection import select_proposals, top_k_proposals_per_level
@@ -18,7 +19,7 @@ __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
 
 NMS_MODES = ("cross_level", "per_level")
 LOSS_NORMALIZERS = ("batch_size", "num_sampled", "num_positive", "anchor_locations")
-BOX_REG_LOSS_TYPES = ("smooth_l1", "l1", "giou")
+BOX_REG_LOSS_TYPES = ("smooth_l1", "l1") + DECODED_BOX_LOSS_TYPES
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -55,7 +56,8 @@ class FPNRPN(RPN):
                 below it are dropped before NMS at inference.
             cls_loss_normalizer, loc_loss_normalizer (str): divisor of the summed
                 objectness / box losses, one of :data:`LOSS_NORMALIZERS`.
-            box_reg_loss_type (str): "smooth_l1" (with ``smooth_l1_beta``), "l1" or "giou".
+            box_reg_loss_type (str): "smooth_l1" (with ``smooth_l1_beta``), "l1", or a loss of the
+                decoded boxes: "iou" (1 - IoU) or "giou".
             Others: see :class:`RPN`.
         """
         if nms_mode not in NMS_MODES:
@@ -139,7 +141,7 @@ class FPNRPN(RPN):
             target_deltas = self.box2box_transform.get_deltas(positive_anchors, target)
             return smooth_l1_loss(pred, target_deltas, self.smooth_l1_beta, reduction="sum")
         pred_boxes = self.box2box_transform.apply_deltas(pred, positive_anchors)
-        return giou_loss(pred_boxes, target, reduction="sum")
+        return box_regression_loss(pred_boxes, target, self.box_reg_loss_type)
 
     @torch.jit.unused
     def losses(
@@ -184,6 +186,9 @@ class FPNRPN(RPN):
         image_sizes,
     ):
         """
+        ``anchors``: L Boxes (Hi*Wi*A, 4), or L tensors (N, Hi*Wi*A, 4) of boxes per image
+        (Cascade RPN's stage-1 boxes), which the deltas refine.
+
         Returns:
             list[Instances]: N Instances with at most ``post_nms_topk`` proposals
                 (``proposal_boxes``, ``objectness_logits``), sorted by score.
@@ -191,7 +196,7 @@ class FPNRPN(RPN):
         # Proposals are fixed inputs of the ROI heads: no gradient through the boxes.
         with torch.no_grad():
             boxes, scores, levels = top_k_proposals_per_level(
-                [a.tensor for a in anchors],
+                [a.tensor if isinstance(a, Boxes) else a for a in anchors],
                 pred_anchor_deltas,
                 pred_objectness_logits,
                 self.pre_nms_topk[self.training],

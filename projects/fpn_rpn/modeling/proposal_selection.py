@@ -28,6 +28,7 @@ from .speedups import SPEEDUPS
 _THREADED_NMS_MIN_BOXES = 2000
 
 __all__ = [
+    "clip_boxes",
     "select_proposals",
     "top_k_proposals_per_level",
     "top_k_scores",
@@ -69,7 +70,8 @@ def top_k_proposals_per_level(
     decoding works box by box.
 
     Args:
-        anchors: L tensors (Hi*Wi*A, 4).
+        anchors: L tensors (Hi*Wi*A, 4), or (N, Hi*Wi*A, 4) where each image has its own
+            (Cascade RPN's stage-1 boxes).
         pred_anchor_deltas: L tensors (N, Hi*Wi*A, 4).
         pred_objectness_logits: L tensors (N, Hi*Wi*A).
         box2box_transform: a ``Box2BoxTransform``.
@@ -86,14 +88,14 @@ def top_k_proposals_per_level(
         scores_i, idx = top_k_scores(logits_i, pre_nms_topk)
         scores.append(scores_i)
         deltas.append(deltas_i[batch_idx, idx])  # (N, k, 4)
-        kept_anchors.append(anchors_i[idx])  # (N, k, 4)
+        kept_anchors.append(anchors_i[idx] if anchors_i.dim() == 2 else anchors_i[batch_idx, idx])  # (N, k, 4)
         levels.append(torch.full((idx.shape[1],), level_id, dtype=torch.int64, device=idx.device))
     deltas, kept_anchors = cat(deltas, dim=1), cat(kept_anchors, dim=1)
     boxes = box2box_transform.apply_deltas(deltas.reshape(-1, 4), kept_anchors.reshape(-1, 4))
     return boxes.view(deltas.shape), cat(scores, dim=1), cat(levels, dim=0)
 
 
-def _clip(boxes: torch.Tensor, image_hw: torch.Tensor) -> torch.Tensor:
+def clip_boxes(boxes: torch.Tensor, image_hw: torch.Tensor) -> torch.Tensor:
     """boxes (R, 4) clipped to their image's (R, 2) height and width, as Boxes.clip does."""
     h, w = image_hw[:, 0], image_hw[:, 1]
     x1 = torch.minimum(boxes[:, 0].clamp(min=0), w)
@@ -189,7 +191,7 @@ def select_proposals(
     image_hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=device).reshape(-1, 2)
     boxes, scores = boxes[keep], scores[keep]
     image_ids, levels = image_ids[keep], levels[keep]
-    boxes = _clip(boxes, image_hw[image_ids])
+    boxes = clip_boxes(boxes, image_hw[image_ids])
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (widths > min_box_size) & (heights > min_box_size)
     boxes, scores, image_ids, levels = boxes[keep], scores[keep], image_ids[keep], levels[keep]
