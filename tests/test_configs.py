@@ -11,17 +11,24 @@ from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 
-from fpn_rpn import FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
+from fpn_rpn import CascadeRPN, CascadeRPNHead, FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
 from fpn_rpn.modeling.config_checks import check_rpn_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+BASE = Path(__file__).resolve().parents[1] / "configs" / "Base-FPN-RPN.yaml"
 EXPECTED_COMPONENTS = {
     "Base-FPN-RPN.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_R_50_FPN_1x.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_EffLite0_FPN_coco_cpu.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "stock_rpn_R_50_FPN_1x.yaml": (RPN, StandardRPNHead, DefaultAnchorGenerator),
+    "Base-CascadeRPN.yaml": (CascadeRPN, CascadeRPNHead, FPNAnchorGenerator),
+    "cascade_rpn_R_50_FPN_1x.yaml": (CascadeRPN, CascadeRPNHead, FPNAnchorGenerator),
+    "cascade_rpn_EffLite0_FPN_coco_cpu_long.yaml": (CascadeRPN, CascadeRPNHead, FPNAnchorGenerator),
 }
+# height / width of the anchors at each location: Cascade RPN has one square anchor
+ASPECT_RATIOS = {name: [[1.0]] if components[0] is CascadeRPN else [[0.5, 1, 2]]
+                 for name, components in EXPECTED_COMPONENTS.items()}
 
 
 def _load(path):
@@ -45,10 +52,11 @@ def test_config_builds_a_model_on_cpu(path):
     rpn = model.proposal_generator
     assert type(rpn) is generator and type(rpn.rpn_head) is head and type(rpn.anchor_generator) is anchors
     assert rpn.in_features == ["p2", "p3", "p4", "p5", "p6"]
-    assert rpn.anchor_generator.num_anchors == [3] * 5  # one size per level x 3 ratios
+    ratios = ASPECT_RATIOS[path.name]
+    assert rpn.anchor_generator.num_anchors == [len(ratios[0])] * 5  # one size per level x the ratios
     assert [a.tolist() for a in rpn.anchor_generator.cell_anchors] == [
         a.tolist() for a in DefaultAnchorGenerator(sizes=[[32], [64], [128], [256], [512]],
-                                                   aspect_ratios=[[0.5, 1, 2]], strides=[4, 8, 16, 32, 64],
+                                                   aspect_ratios=ratios, strides=[4, 8, 16, 32, 64],
                                                    offset=0.0).cell_anchors
     ]
     assert next(model.parameters()).device.type == "cpu"
@@ -96,7 +104,7 @@ SHAPES = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(2, 7)}
     ],
 )
 def test_bad_rpn_key_is_named(key, value, match):
-    cfg = _load(CONFIGS[0])
+    cfg = _load(BASE)
     node = cfg
     *parents, leaf = key.split(".")
     for name in parents:
@@ -107,4 +115,4 @@ def test_bad_rpn_key_is_named(key, value, match):
 
 
 def test_good_config_passes_the_checks():
-    check_rpn_config(_load(CONFIGS[0]), SHAPES)
+    check_rpn_config(_load(BASE), SHAPES)

@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from fpn_rpn import FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
+from fpn_rpn import CascadeRPN, FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
 from fpn_rpn.errors import ConfigError
 from fpn_rpn.lazy_config import lazy_config_problem
 
@@ -25,6 +25,7 @@ from conftest import REPO, load_tool
 PAIRS = {  # LazyConfig file: its YAML twin
     "fpn_rpn_R_50_FPN_1x.py": "fpn_rpn_R_50_FPN_1x.yaml",
     "fpn_rpn_EffLite0_FPN_coco_cpu.py": "fpn_rpn_EffLite0_FPN_coco_cpu.yaml",
+    "cascade_rpn_R_50_FPN_1x.py": "cascade_rpn_R_50_FPN_1x.yaml",
 }
 LAZY_DIR = REPO / "configs" / "lazy"
 NO_LAZY = lazy_config_problem()
@@ -118,6 +119,15 @@ def test_same_data_and_schedule(lazy_name):
     assert (train.total_batch_size, train.num_workers) == (cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
     assert lazy.optimizer.lr == cfg.SOLVER.BASE_LR and lazy.optimizer.momentum == cfg.SOLVER.MOMENTUM
     assert lazy.optimizer.weight_decay == cfg.SOLVER.WEIGHT_DECAY
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED:
+        from fpn_rpn.engine.solver import clipped_sgd
+
+        assert lazy.optimizer._target_ is clipped_sgd
+        assert (lazy.optimizer.clip_type, lazy.optimizer.clip_value, lazy.optimizer.norm_type) == (
+            clip.CLIP_TYPE, clip.CLIP_VALUE, clip.NORM_TYPE)
+    else:
+        assert "clip_value" not in lazy.optimizer
     assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER
     assert lazy.train.checkpointer.period == cfg.SOLVER.CHECKPOINT_PERIOD
     assert lazy.train.init_checkpoint == cfg.MODEL.WEIGHTS
@@ -162,7 +172,8 @@ def test_same_training_losses(twins):
         with EventStorage():
             losses.append(model(_inputs()))
         model.eval()
-    assert set(losses[0]) == {"loss_rpn_cls", "loss_rpn_loc"}
+    stage1 = {"loss_rpn_stage1_loc"} if type(twins[1].proposal_generator) is CascadeRPN else set()
+    assert set(losses[0]) == {"loss_rpn_cls", "loss_rpn_loc"} | stage1
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
 
 

@@ -185,3 +185,21 @@ def test_top_k_scores_equal_a_stable_sort_with_ties():
     values, indices = top_k_scores(untied, 50)
     torch.testing.assert_close(indices, untied.sort(dim=1, descending=True, stable=True).indices[:, :50],
                                rtol=0, atol=0)
+
+
+def test_per_image_anchors_equal_image_by_image():
+    # Cascade RPN's stage-1 boxes: each image has its own "anchors", (N, R, 4)
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    g = torch.Generator().manual_seed(3)
+    transform = Box2BoxTransform(weights=(20.0, 20.0, 10.0, 10.0))
+    xy = torch.rand(2, 30, 2, generator=g) * 50
+    anchors = [torch.cat((xy, xy + 5 + torch.rand(2, 30, 2, generator=g) * 40), -1)]  # one level
+    deltas = [torch.randn(2, 30, 4, generator=g)]
+    logits = [torch.randn(2, 30, generator=g)]
+    boxes, scores, levels = top_k_proposals_per_level(anchors, deltas, logits, 12, transform)
+    for i in range(2):
+        single = top_k_proposals_per_level([anchors[0][i]], [deltas[0][i:i + 1]], [logits[0][i:i + 1]], 12, transform)
+        torch.testing.assert_close(boxes[i:i + 1], single[0], rtol=0, atol=0)
+        torch.testing.assert_close(scores[i:i + 1], single[1], rtol=0, atol=0)
+    assert levels.tolist() == [0] * 12

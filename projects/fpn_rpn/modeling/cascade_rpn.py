@@ -10,8 +10,9 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..errors import ConfigError
-from .box_losses import box_regression_loss
+from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .cascade_rpn_head import CascadeRPNHead
+from .config_checks import check_cascade_config
 from .proposal_generator import FPNRPN
 from .proposal_selection import clip_boxes
 from .region_assignment import assign_by_region
@@ -78,9 +79,9 @@ class CascadeRPN(FPNRPN):
                               f"got {center_ratio} and {ignore_ratio}")
         if not 0.0 <= min_pos_iou <= 1.0:
             raise ConfigError(f"min_pos_iou must be in [0, 1], got {min_pos_iou}")
-        if self.box_reg_loss_type not in ("iou", "giou"):
-            raise ConfigError(f"CascadeRPN regresses decoded boxes: box_reg_loss_type must be 'iou' or 'giou', "
-                              f"got {self.box_reg_loss_type!r}")
+        if self.box_reg_loss_type not in DECODED_BOX_LOSS_TYPES:
+            raise ConfigError(f"CascadeRPN regresses decoded boxes: box_reg_loss_type must be one of "
+                              f"{DECODED_BOX_LOSS_TYPES}, got {self.box_reg_loss_type!r}")
         self.stage1_box2box_transform = stage1_box2box_transform
         self.stage1_loss_weight = stage1_loss_weight
         self.center_ratio = center_ratio
@@ -89,6 +90,7 @@ class CascadeRPN(FPNRPN):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        check_cascade_config(cfg)
         ret = super().from_config(cfg, input_shape)
         cascade = cfg.MODEL.FPN_RPN.CASCADE
         ret.update(

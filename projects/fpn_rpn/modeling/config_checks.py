@@ -10,8 +10,10 @@ from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGI
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 
 from ..errors import ConfigError, require as _check
+from .adaptive_conv import ADAPTIVE_CONV_IMPLS
+from .box_losses import DECODED_BOX_LOSS_TYPES
 
-__all__ = ["check_component_names", "check_rpn_config"]
+__all__ = ["check_cascade_config", "check_component_names", "check_rpn_config"]
 
 
 def _registered(registry):
@@ -54,3 +56,30 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
     _check(0.0 <= rpn.NMS_THRESH <= 1.0, "MODEL.RPN.NMS_THRESH", rpn.NMS_THRESH, "must be in [0, 1]")
     _check(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE >= 0, "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
            cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
+    # Cascade RPN's head and generator go together
+    cascade_head = rpn.HEAD_NAME == "CascadeRPNHead"
+    cascade_generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME == "CascadeRPN"
+    _check(cascade_head == cascade_generator, "MODEL.RPN.HEAD_NAME", rpn.HEAD_NAME,
+           f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} needs "
+           + ("'CascadeRPNHead'" if cascade_generator else "a single-stage head; 'CascadeRPNHead' goes with 'CascadeRPN'"))
+
+
+def check_cascade_config(cfg):
+    """Raise ConfigError naming the first ``MODEL.FPN_RPN.CASCADE.*`` key with an invalid value."""
+    cascade = cfg.MODEL.FPN_RPN.CASCADE
+    weights = list(cascade.STAGE1_BBOX_REG_WEIGHTS)
+    _check(len(weights) == 4 and all(w > 0 for w in weights), "MODEL.FPN_RPN.CASCADE.STAGE1_BBOX_REG_WEIGHTS",
+           weights, "must be 4 positive numbers (wx, wy, ww, wh)")
+    _check(cascade.STAGE1_LOSS_WEIGHT >= 0, "MODEL.FPN_RPN.CASCADE.STAGE1_LOSS_WEIGHT", cascade.STAGE1_LOSS_WEIGHT,
+           "must be >= 0")
+    _check(0 < cascade.CENTER_RATIO <= 1, "MODEL.FPN_RPN.CASCADE.CENTER_RATIO", cascade.CENTER_RATIO,
+           "must be in (0, 1]")
+    _check(cascade.CENTER_RATIO <= cascade.IGNORE_RATIO <= 1, "MODEL.FPN_RPN.CASCADE.IGNORE_RATIO",
+           cascade.IGNORE_RATIO, f"must be in [CENTER_RATIO ({cascade.CENTER_RATIO}), 1]")
+    _check(isinstance(cascade.DILATION, int) and cascade.DILATION >= 1, "MODEL.FPN_RPN.CASCADE.DILATION",
+           cascade.DILATION, "must be an integer >= 1")
+    _check(0 <= cascade.MIN_POS_IOU <= 1, "MODEL.FPN_RPN.CASCADE.MIN_POS_IOU", cascade.MIN_POS_IOU, "must be in [0, 1]")
+    _check(cascade.ADAPTIVE_CONV_IMPL in ADAPTIVE_CONV_IMPLS, "MODEL.FPN_RPN.CASCADE.ADAPTIVE_CONV_IMPL",
+           cascade.ADAPTIVE_CONV_IMPL, f"must be one of {ADAPTIVE_CONV_IMPLS}")
+    _check(cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE in DECODED_BOX_LOSS_TYPES, "MODEL.RPN.BBOX_REG_LOSS_TYPE",
+           cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE, f"Cascade RPN regresses decoded boxes: one of {DECODED_BOX_LOSS_TYPES}")
