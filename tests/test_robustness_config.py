@@ -67,9 +67,16 @@ BAD = [
     ("MODEL.RPN.PRE_NMS_TOPK_TEST", -1, "^MODEL.RPN.PRE_NMS_TOPK_TEST = -1 is invalid: must be a positive integer$"),
     ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 0, "^MODEL.RPN.POST_NMS_TOPK_TRAIN = 0 is invalid: must be a positive integer$"),
     ("MODEL.RPN.POST_NMS_TOPK_TEST", -5, "^MODEL.RPN.POST_NMS_TOPK_TEST = -5 is invalid: must be a positive integer$"),
+    # box-transform weights: Detectron2 unpacks four (wx, wy, ww, wh) and divides by them
+    ("MODEL.RPN.BBOX_REG_WEIGHTS", (1.0, 1.0, 1.0),
+     r"^MODEL.RPN.BBOX_REG_WEIGHTS = \[1.0, 1.0, 1.0\] is invalid: must be 4 positive numbers \(wx, wy, ww, wh\)$"),
+    ("MODEL.RPN.BBOX_REG_WEIGHTS", (1.0, 1.0, 0.0, 1.0), r"^MODEL.RPN.BBOX_REG_WEIGHTS = \[1.0, 1.0, 0.0, 1.0\] is inv"),
+    ("MODEL.RPN.BBOX_REG_LOSS_WEIGHT", -1.0, r"^MODEL.RPN.BBOX_REG_LOSS_WEIGHT = -1.0 is invalid: must be a number >= 0$"),
+    ("MODEL.RPN.LOSS_WEIGHT", float("nan"), r"^MODEL.RPN.LOSS_WEIGHT = nan is invalid: must be a number >= 0$"),
+    ("MODEL.RPN.SMOOTH_L1_BETA", -0.1, r"^MODEL.RPN.SMOOTH_L1_BETA = -0.1 is invalid: must be a number >= 0$"),
     # component names and modes
     ("MODEL.RPN.HEAD_NAME", "FPNHead",
-     r"^MODEL.RPN.HEAD_NAME = 'FPNHead' is not registered; registered: \['FPNRPNHead', 'StandardRPNHead'\]$"),
+     r"^MODEL.RPN.HEAD_NAME = 'FPNHead' is not registered; registered: \['CascadeRPNHead', 'FPNRPNHead', 'StandardRPNHead'\]$"),
     ("MODEL.ANCHOR_GENERATOR.NAME", "FPNAnchors",
      r"^MODEL.ANCHOR_GENERATOR.NAME = 'FPNAnchors' is not registered; registered: \[.*'FPNAnchorGenerator'.*\]$"),
     ("MODEL.FPN_RPN.OBJECTNESS", "tanh",
@@ -78,7 +85,7 @@ BAD = [
      r"^MODEL.FPN_RPN.NMS_MODE must be one of \('cross_level', 'per_level'\), got 'global'$"),
     ("MODEL.FPN_RPN.LOC_LOSS_NORMALIZER", "mean", r"^MODEL.FPN_RPN.LOC_LOSS_NORMALIZER must be one of \('batch_size'"),
     ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "l2",
-     r"^MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of \('smooth_l1', 'l1', 'giou'\), got 'l2'$"),
+     r"^MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of \('smooth_l1', 'l1', 'iou', 'giou'\), got 'l2'$"),
 ]  # fmt: skip
 
 

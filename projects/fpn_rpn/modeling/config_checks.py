@@ -1,5 +1,7 @@
 """Checks of the RPN-related config keys, so that a bad value fails when the model is
 built, with the key and the allowed values named, instead of deep inside Detectron2."""
+import math
+from numbers import Real
 from typing import Dict
 
 from detectron2.layers import ShapeSpec
@@ -33,6 +35,13 @@ def check_component_names(cfg):
             raise ConfigError(f"{key} = {name!r} is not registered; registered: {_registered(registry)}")
 
 
+def _check_box_weights(key: str, weights) -> None:
+    """A Box2BoxTransform's (wx, wy, ww, wh): Detectron2 unpacks exactly four and divides by them."""
+    weights = list(weights)
+    _check(len(weights) == 4 and all(isinstance(w, Real) and w > 0 for w in weights), key, weights,
+           "must be 4 positive numbers (wx, wy, ww, wh)")
+
+
 def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
     """Raise ConfigError (a ValueError) naming the first ``MODEL.RPN.*`` key with an invalid value."""
     rpn = cfg.MODEL.RPN
@@ -54,6 +63,12 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
         value = rpn.get(key)
         _check(value > 0, f"MODEL.RPN.{key}", value, "must be a positive integer")
     _check(0.0 <= rpn.NMS_THRESH <= 1.0, "MODEL.RPN.NMS_THRESH", rpn.NMS_THRESH, "must be in [0, 1]")
+    _check_box_weights("MODEL.RPN.BBOX_REG_WEIGHTS", rpn.BBOX_REG_WEIGHTS)
+    # loss weights and the smooth-L1 transition: a negative one would reverse the loss
+    for key in ("LOSS_WEIGHT", "BBOX_REG_LOSS_WEIGHT", "SMOOTH_L1_BETA"):
+        value = rpn.get(key)
+        _check(isinstance(value, Real) and math.isfinite(value) and value >= 0, f"MODEL.RPN.{key}", value,
+               "must be a number >= 0")
     _check(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE >= 0, "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
            cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
     # Cascade RPN's head and generator go together
@@ -67,9 +82,7 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
 def check_cascade_config(cfg):
     """Raise ConfigError naming the first ``MODEL.FPN_RPN.CASCADE.*`` key with an invalid value."""
     cascade = cfg.MODEL.FPN_RPN.CASCADE
-    weights = list(cascade.STAGE1_BBOX_REG_WEIGHTS)
-    _check(len(weights) == 4 and all(w > 0 for w in weights), "MODEL.FPN_RPN.CASCADE.STAGE1_BBOX_REG_WEIGHTS",
-           weights, "must be 4 positive numbers (wx, wy, ww, wh)")
+    _check_box_weights("MODEL.FPN_RPN.CASCADE.STAGE1_BBOX_REG_WEIGHTS", cascade.STAGE1_BBOX_REG_WEIGHTS)
     _check(cascade.STAGE1_LOSS_WEIGHT >= 0, "MODEL.FPN_RPN.CASCADE.STAGE1_LOSS_WEIGHT", cascade.STAGE1_LOSS_WEIGHT,
            "must be >= 0")
     _check(0 < cascade.CENTER_RATIO <= 1, "MODEL.FPN_RPN.CASCADE.CENTER_RATIO", cascade.CENTER_RATIO,
