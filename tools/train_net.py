@@ -31,7 +31,7 @@ from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line, run_cli  # noqa: F401  (re-exported for tests)
-from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths
+from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths, train_dataset_dicts
 from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
 
@@ -60,7 +60,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         with dataset_assertions(cfg):
-            return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+            # the records with DATASETS.TRAIN_CATEGORIES applied
+            return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True),
+                                                dataset=train_dataset_dicts(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

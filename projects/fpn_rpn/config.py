@@ -86,6 +86,12 @@ def add_fpn_rpn_config(cfg):
     # Stages at strides 4, 8, 16, 32, for MODEL.FPN.IN_FEATURES.
     cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
 
+    # Train from MODEL.WEIGHTS even when it supplies under half of the backbone's parameter
+    # values (names and shapes matching), e.g. another backbone's checkpoint used for a few
+    # tensors. False: such a start is a CheckpointError (fpn_rpn.engine.checkpoint), since it
+    # leaves the model effectively random. Resuming and evaluation need every parameter anyway.
+    cfg.MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS = False
+
     # Outside MODEL because they describe data and evaluation, not the network.
     # COCO-format datasets to register before training/evaluation, so that a JSON file and
     # an image folder can be used from the command line without code: a list of
@@ -93,6 +99,17 @@ def add_fpn_rpn_config(cfg):
     cfg.DATASETS.REGISTER_COCO = []
     # Proposal budgets (proposals per image) at which the recall evaluator reports AR.
     cfg.TEST.RECALL_BUDGETS = [10, 20, 50, 100, 300, 1000]
+
+    # Category subsets (OLN's protocol: train on COCO's 20 VOC classes, measure recall on the
+    # other 60). A category spec is one of "all", "voc", "nonvoc", a COCO category name or a
+    # COCO id, or a list of them (their union): see fpn_rpn.data.categories.
+    # Training keeps only these categories' boxes (the images all stay: other objects become
+    # background). A list because yacs checks types: ["voc"], [1, "dog"]; ["all"] changes nothing.
+    cfg.DATASETS.TRAIN_CATEGORIES = ["all"]
+    # The recall evaluator also reports AR of each [name, spec] group, with only that group's
+    # boxes as ground truth and every proposal a candidate, as "recall_<definition>/<name>":
+    # e.g. [["seen", "voc"], ["novel", "nonvoc"]]. Empty: the overall AR only.
+    cfg.TEST.RECALL_CATEGORY_GROUPS = []
     return cfg
 
 

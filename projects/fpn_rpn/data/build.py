@@ -10,17 +10,23 @@ a bare assertion or KeyError, found before any work, or named in one DataError l
   and a dataset without images ("Dataset '...' is empty!").
 - :func:`loader_worker_deaths`, around training and evaluation: a data-loading worker
   process killed (torch's RuntimeError), as a :class:`ProcessDiedError`.
+
+:func:`train_dataset_dicts` builds the training records, with ``DATASETS.TRAIN_CATEGORIES``
+applied; the trainer hands them to ``build_detection_train_loader``.
 """
 import contextlib
 import difflib
+import logging
 import os
 import re
+from typing import List
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 
-from ..errors import DataError, ProcessDiedError, first_line
+from ..errors import ConfigError, DataError, ProcessDiedError, first_line
+from .categories import NAMED_SETS, category_ids, dataset_category_names, describe, keep_categories
 
-__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths"]
+__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts"]
 
 
 def _registered_error(key: str, name: str) -> DataError:
@@ -88,3 +94,47 @@ def loader_worker_deaths():
             "error (the system kills processes this way when memory runs out: see dmesg; fewer "
             "DATALOADER.NUM_WORKERS use less); training continues from its last checkpoint with --resume"
         ) from e
+
+
+def train_dataset_dicts(cfg) -> List[dict]:
+    """
+    The training records of ``cfg``: Detectron2's ``get_detection_dataset_dicts`` with the
+    arguments ``build_detection_train_loader`` gives it when it has no ``dataset``, then,
+    unless ``DATASETS.TRAIN_CATEGORIES`` is every COCO category, only the annotations of
+    those categories (:func:`fpn_rpn.data.categories.keep_categories`): the other objects
+    become background, as in OLN.
+
+    The subset changes boxes, never images: ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` has
+    already left out the images without (non-crowd) annotations in their file, and an
+    image whose boxes are all of other categories stays, without boxes (every anchor
+    negative). The test sets are not touched.
+
+    Raises:
+        ConfigError: the subset is not every category and a training dataset does not
+            number its categories as COCO does, or none of them is in the subset.
+    """
+    dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    key = "DATASETS.TRAIN_CATEGORIES"
+    ids = category_ids(cfg.DATASETS.TRAIN_CATEGORIES, key)
+    if ids == NAMED_SETS["all"]:
+        return dicts
+    contiguous = set()
+    for name in cfg.DATASETS.TRAIN:
+        _, id_map = dataset_category_names(name, key)  # loaded above, so its metadata is set
+        contiguous |= {id_map[i] for i in ids if i in id_map}
+    if not contiguous:
+        raise ConfigError(f"{key} = {cfg.DATASETS.TRAIN_CATEGORIES!r} keeps none of the categories of "
+                          f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
+    kept = keep_categories(dicts, contiguous)
+    before, after = (sum(len(r.get("annotations", ())) for r in records) for records in (dicts, kept))
+    no_boxes = sum(not r.get("annotations") for r in kept)
+    logging.getLogger(__name__).info(
+        f"{key}: training on {describe(ids)}: {after} of {before} annotations kept; {no_boxes} of "
+        f"{len(kept)} images have none left and are trained on as background"
+    )
+    return kept

@@ -1,10 +1,11 @@
-"""Checks of the keys the trainer, data loader and evaluator read (INPUT, SOLVER,
+"""Checks of the keys the trainer, data loader and evaluator read (INPUT, SOLVER, DATASETS,
 DATALOADER, TEST), so that a bad value stops a tool before any work, naming the key,
 instead of failing late (a negative test size fails at the first evaluation, after
 training) or blaming an innocent image."""
 import math
 from numbers import Integral, Real
 
+from ..data.categories import category_groups, category_ids
 from ..errors import require
 
 __all__ = ["check_run_config"]
@@ -66,14 +67,22 @@ def _check_test(cfg):
             cfg.DATALOADER.NUM_WORKERS, "must be an integer >= 0")
 
 
+def _check_categories(cfg):
+    # a name or id that COCO lacks, or a bad group entry; whether the datasets number their
+    # categories as COCO does is known once they are loaded (fpn_rpn.data.build, the evaluator)
+    category_ids(cfg.DATASETS.TRAIN_CATEGORIES, "DATASETS.TRAIN_CATEGORIES")
+    category_groups(cfg.TEST.RECALL_CATEGORY_GROUPS, "TEST.RECALL_CATEGORY_GROUPS")
+
+
 def check_run_config(cfg, world_size: int = 1) -> None:
     """
-    Raise ConfigError naming the first INPUT, SOLVER, TEST or DATALOADER key with a value
+    Raise ConfigError naming the first INPUT, SOLVER, TEST, DATALOADER or DATASETS key with a value
     no run can use. ``world_size``: the number of processes, which must divide
     ``SOLVER.IMS_PER_BATCH`` (Detectron2 would stop with a bare assertion).
     """
     _check_input(cfg)
     _check_solver(cfg)
     _check_test(cfg)
+    _check_categories(cfg)
     require(cfg.SOLVER.IMS_PER_BATCH % world_size == 0, "SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH,
             f"must be a multiple of the number of processes ({world_size})")
