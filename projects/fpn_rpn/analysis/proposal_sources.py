@@ -261,10 +261,9 @@ def selective_search(
         max_side: if set, images whose longer side exceeds it are shrunk to it first
             (Selective Search takes seconds per VGA image on one core) and the boxes
             are scaled back to the original image.
-        workers: processes searching images side by side (default: one per CPU core).
-            On 2 cores the demo's 100 val images took 99 s, against 150 s in one process
-            on another day (not timed side by side); each image is seeded alone, so the
-            boxes do not depend on it.
+        workers: processes searching images side by side (default: one per CPU core;
+            the time it saves: docs/demo.md). Each image is seeded alone, so the boxes do
+            not depend on it.
 
     Returns:
         image_id -> proposals, and the mean seconds per image (resize and search, as

@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_SEED = 0
-# On 2 CPU cores, imports included: 24-34 s with two threads, 38-42 s with one (two runs
-# each, interleaved); enough for the demo's few hundred iterations.
+# Enough images for the demo's few hundred iterations, and few enough to draw in well
+# under a minute on 2 CPU cores (timings: docs/demo.md).
 DEFAULT_NUM_TRAIN = 400
 DEFAULT_NUM_VAL = 100
 # Bump when a change alters the generated files, so that an old dataset is not reused.

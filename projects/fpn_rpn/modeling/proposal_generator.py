@@ -33,8 +33,8 @@ class FPNRPN(RPN):
     predicted on two levels is kept once. The post-processing runs batched over images,
     and work whose result is unused is skipped: only the top-K anchors of each level are
     decoded, and box targets are computed for sampled positives only. Anchor labelling
-    and sampling are Detectron2's own (a batched version saved under 6% of a whole
-    training iteration and was removed: see the README's Performance section).
+    and sampling are Detectron2's own (a batched version was removed, as its gain on a
+    whole training iteration was within noise: docs/performance.md).
     """
 
     @configurable
