@@ -143,6 +143,43 @@ def test_imagenet_backbone_weights_still_load(saved, tmp_path):
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
 
 
+def test_proposal_file_as_weights_is_named(tmp_path):
+    # fvcore: "ValueError: Unsupported type found in checkpoint! ids: <class 'list'>" and a traceback
+    path = _proposal_file(tmp_path / "box_proposals.pkl", VAL_IDS)
+    model = _model(seed=2)
+    before = _state(model)
+    match = f"^{re.escape(str(path))}: is a proposal file .*, not a checkpoint: give MODEL.WEIGHTS a model's .pth"
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(model, require_all=True).load, str(path))
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(model).load, str(path))
+    _assert_state_equal(model, before)
+
+
+def _heads_only_checkpoint(saved, path):
+    """The two head biases only: what an EfficientNet-Lite checkpoint shares with an R-18 model."""
+    _, state = saved
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("proposal_generator.") and
+                          k.endswith(("objectness_logits.bias", "anchor_deltas.bias"))}}, path)
+    return path
+
+
+def test_start_from_another_backbone_is_an_error_unless_allowed(saved, tmp_path):
+    path = _heads_only_checkpoint(saved, tmp_path / "lite0_rpn.pth")
+    match = (f"^{re.escape(str(path))}: supplies 0.0% of the backbone's parameter values \\(names and shapes "
+             r"matching, 0 of \d+\); .* set MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS True to train from it")
+    _one_line_error(CheckpointError, match, CheckedCheckpointer(_model(seed=2), str(tmp_path / "out")).resume_or_load,
+                    str(path), resume=False)
+    # by values, not tensors: without res5 (about 3/4 of R-18's values) it is under half too
+    _, state = saved
+    torch.save({"model": {k: v for k, v in state.items() if ".res5." not in k}}, tmp_path / "no_res5.pth")
+    _one_line_error(CheckpointError, r"supplies \d+\.\d% of the backbone's parameter values",
+                    CheckedCheckpointer(_model(seed=2)).load, str(tmp_path / "no_res5.pth"))
+    allowed = CheckedCheckpointer(_model(seed=2), allow_partial_backbone=True)
+    allowed.load(str(path))
+    allowed.load(str(tmp_path / "no_res5.pth"))
+    # backbones loading their ImageNet weights when built (EfficientNet-Lite) take MODEL.WEIGHTS ""
+    CheckedCheckpointer(_model(seed=2), str(tmp_path / "empty")).resume_or_load("", resume=False)
+
+
 def _partial_checkpoint(saved, out, drop=(), reshape=()):
     _, state = saved
     weights = {k: v for k, v in state.items() if not any(k.startswith(d) for d in drop)}
@@ -520,6 +557,44 @@ def test_faults_before_training_leave_the_traceback_in_log_txt(tiny_dataset, tmp
                          env=env, timeout=300)
     _assert_one_line_error(run, pattern)
     _assert_traceback_in_log(tmp_path / "out", error)
+
+
+def test_train_net_proposal_file_or_another_backbone_as_weights(tiny_dataset, tmp_path, saved):
+    proposals = _proposal_file(tmp_path / "box_proposals.pkl", VAL_IDS)
+    run = _run(_command(tmp_path / "eval", tiny_dataset, flags=["--eval-only"], opts=["MODEL.WEIGHTS", str(proposals)]))
+    _assert_one_line_error(run, f"{re.escape(str(proposals))}: is a proposal file .*, not a checkpoint: .*")
+    heads = _heads_only_checkpoint(saved, tmp_path / "lite0_rpn.pth")
+    run = _run(_command(tmp_path / "train", tiny_dataset, opts=["MODEL.WEIGHTS", str(heads)]))
+    _assert_one_line_error(run, f"{re.escape(str(heads))}: supplies 0.0% of the backbone's parameter values .*"
+                                r"set MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS True to train from it anyway")
+    assert not (tmp_path / "train" / "model_final.pth").exists()
+
+
+def test_ctrl_c_names_the_iteration_to_resume_from(tiny_dataset, tmp_path):
+    output_dir = tmp_path / "out"
+    cmd = _command(output_dir, tiny_dataset, opts=["SOLVER.MAX_ITER", "100000"])
+    # SIGINT as the terminal sends it; its default action restored, should the test runner ignore it
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        metrics, deadline = output_dir / "metrics.json", time.time() + 240
+        while not (metrics.is_file() and _iterations(metrics.read_text())):  # iteration 19 is written
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"train_net.py: interrupted at iteration (\d+); continue with --resume", last)
+    assert match and int(match.group(1)) >= 19, last
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    # the checkpoints before it stay (CHECKPOINT_PERIOD 15: iteration 14, and 29 on a fast machine)
+    last_checkpoint = (output_dir / "last_checkpoint").read_text()
+    assert (output_dir / last_checkpoint).is_file() and int(last_checkpoint[6:13]) < int(match.group(1))
+    assert not (output_dir / "model_final.pth").exists()
 
 
 def test_evaluating_with_a_test_proposal_file_only(killed_and_resumed, tmp_path):

@@ -43,15 +43,15 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="config whose anchor generator and test resize are used")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--max-images", type=positive_int, default=None)
-    parser.add_argument("--check-dataset", help="also report the suggestion's coverage on this dataset")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--dataset", required=True, help="registered dataset whose ground truth is measured, e.g. coco_mini_train")
+    parser.add_argument("--max-images", type=positive_int, default=None, help="use only the first N images (default: all)")
+    parser.add_argument("--check-dataset", help="also report the suggestion's coverage on this registered dataset (a held-out split)")
+    parser.add_argument("--output-dir", required=True, help="folder for anchor_coverage.png and anchor_coverage.csv")
     parser.add_argument("--sizes-per-level", type=positive_int, default=None,
                         help="start the search from N sizes per level, s * 2**(j/N) for the level's first size s "
                              "(RetinaNet-style octave scales; more anchors per location)")
-    parser.add_argument("--no-suggest", action="store_true", help="only report the config's coverage")
-    parser.add_argument("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into the config")
+    parser.add_argument("--no-suggest", action="store_true", help="only report the config's coverage; skip the search for better sizes/ratios")
+    parser.add_argument("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into the config, e.g. MODEL.ANCHOR_GENERATOR.SIZES \"[[24],[48],[96],[192],[384]]\"")
     return parser.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ random scores.
 
     python tools/benchmark_recall.py [--images 5000] [--proposals 1000] [--gts 7]
 """
+import argparse
 import time
 
 import numpy as np
@@ -55,11 +56,16 @@ def make_synthetic(num_images, num_proposals, gts_per_image, seed=0, jittered_fr
 
 
 def main():
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=positive_int, default=5000)
-    parser.add_argument("--proposals", type=positive_int, default=1000)
-    parser.add_argument("--gts", type=positive_float, default=7.0, help="mean gts per image")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example (the figure in docs/performance.md):\n"
+               "    python tools/benchmark_recall.py --images 5000 --proposals 1000 --gts 7",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--images", type=positive_int, default=5000, help="synthetic images to score (default: %(default)s)")
+    parser.add_argument("--proposals", type=positive_int, default=1000, help="proposals per image (default: %(default)s)")
+    parser.add_argument("--gts", type=positive_float, default=7.0, help="mean ground-truth boxes per image (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the generated boxes and scores (default: %(default)s)")
     args = parser.parse_args()
 
     gt, proposals = make_synthetic(args.images, args.proposals, args.gts, args.seed)

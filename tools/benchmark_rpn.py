@@ -37,6 +37,7 @@ allocator's free lists, nor Python objects), in a separate, untimed run.
     python tools/benchmark_rpn.py --quick     # batch 1 and 2, 3 rounds
     python tools/benchmark_rpn.py --scope whole --configs demo "Lite0 CPU" --whole-repeats 5
 """
+import argparse
 import contextlib
 import json
 import os
@@ -234,25 +235,35 @@ def check_parity(outputs):
 
 
 def main():
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 8])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (each runs every model once)")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
-    parser.add_argument("--quick", action="store_true", help="batch sizes 1 and 2, 3 rounds")
-    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--height", type=positive_int, default=800)
-    parser.add_argument("--width", type=positive_int, default=1333)
-    parser.add_argument("--gt-json", default=str(DEFAULT_GT_JSON), help="COCO json whose boxes are the gts")
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example (the whole-iteration table of docs/performance.md; its duration is there too):\n"
+               "    python tools/benchmark_rpn.py --scope whole --whole-repeats 3\n"
+               "More on what each scope times: the module docstring (tools/benchmark_rpn.py).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N) (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 8],
+                        help="--scope rpn: images per batch, one table row each (default: 1 2 8)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                        help="--scope rpn: post (post-processing only), head+post (the generator at inference), "
+                             "train (one training step) (default: all three)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="--scope rpn: timed rounds, each runs every model once (default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="--scope rpn: batch sizes 1 and 2, 3 rounds (a quick look)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default 0: torch's default)")
+    parser.add_argument("--no-memory", action="store_true", help="--scope rpn: skip the separate, untimed peak-memory runs")
+    parser.add_argument("--height", type=positive_int, default=800, help="--scope rpn: image height the features are shaped for (default: %(default)s)")
+    parser.add_argument("--width", type=positive_int, default=1333, help="--scope rpn: image width (default: %(default)s)")
+    parser.add_argument("--gt-json", default=str(DEFAULT_GT_JSON), help="--scope rpn: COCO json whose boxes, scaled to the image size, are the gts (default: coco_mini's instances_val2017.json)")
     parser.add_argument("--scope", choices=("rpn", "whole", "both"), default="both",
-                        help="rpn: the proposal generator alone; whole: whole iterations of the shipped configs")
+                        help="rpn: the proposal generator alone on precomputed features; whole: whole training iterations "
+                             "and inference passes of the shipped configs; both (default)")
     parser.add_argument("--configs", nargs="+", choices=list(SHIPPED_CONFIGS), default=list(SHIPPED_CONFIGS),
-                        help="shipped configs for --scope whole")
-    parser.add_argument("--whole-repeats", type=positive_int, default=3, help="timed rounds of the whole scope")
-    parser.add_argument("--train-dataset", default="coco_mini_train", help="images of the whole training iterations")
-    parser.add_argument("--test-dataset", default="coco_mini_val", help="images of the whole inference passes")
+                        help="shipped configs for --scope whole (default: all three)")
+    parser.add_argument("--whole-repeats", type=positive_int, default=3, help="timed rounds of --scope whole (default: %(default)s)")
+    parser.add_argument("--train-dataset", default="coco_mini_train", help="registered dataset whose images feed the whole training iterations (default: %(default)s)")
+    parser.add_argument("--test-dataset", default="coco_mini_val", help="registered dataset whose images feed the whole inference passes (default: %(default)s)")
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.repeats = [1, 2], 3

@@ -46,9 +46,16 @@ def goal_line(study_csv: Path) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=str(REPO / "output" / "demo"))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "    make demo                      # the same as: python tools/demo.py\n"
+               "    python tools/demo.py --output-dir output/demo_lr SOLVER.BASE_LR 0.005\n"
+               "What it prints and how long it takes: docs/demo.md.",
+    )
+    parser.add_argument("--output-dir", default=str(REPO / "output" / "demo"),
+                        help="folder for the training run (efflite0/) and the study (study/) (default: output/demo)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides of configs/demo/fpn_rpn_EffLite0_synthetic.yaml for the training, KEY VALUE ...")
     args = parser.parse_args()
     output = Path(args.output_dir)
     train_dir, study_dir = output / "efflite0", output / "study"

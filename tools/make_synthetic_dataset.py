@@ -19,16 +19,23 @@ from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_c
 
 
 def main():
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="examples:\n" + __doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--root",
         default=str(synthetic_root()),
         help="output folder (default: the one register_datasets uses, from $FPN_RPN_DATASETS)",
     )
-    parser.add_argument("--seed", type=non_negative_int, default=synthetic_data.DEFAULT_SEED)
-    parser.add_argument("--num-train", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_TRAIN)
-    parser.add_argument("--num-val", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_VAL)
-    parser.add_argument("--workers", type=positive_int, help="threads drawing images (default: one per CPU core)")
+    parser.add_argument("--seed", type=non_negative_int, default=synthetic_data.DEFAULT_SEED,
+                        help="seed of every image's random generator; the same seed gives the same files (default: %(default)s)")
+    parser.add_argument("--num-train", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_TRAIN,
+                        help="images in the train split (default: %(default)s)")
+    parser.add_argument("--num-val", type=non_negative_int, default=synthetic_data.DEFAULT_NUM_VAL,
+                        help="images in the val split (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, help="threads drawing images; the files do not depend on it (default: one per CPU core)")
     args = parser.parse_args()
     paths = synthetic_data.generate_synthetic_dataset(
         args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val, workers=args.workers

@@ -51,21 +51,25 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--config", required=True)
-    add("--checkpoints", nargs="+", required=True, metavar="LABEL=WEIGHTS", help="in training order")
-    add("--datasets", nargs="+", required=True)
-    add("--output-dir", required=True)
-    add("--cache-dir", default=None, help="default: OUTPUT_DIR/cache")
-    add("--nms-threshs", type=unit_interval, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
-    add("--pre-nms-topks", type=positive_int, nargs="+", default=[250, 500, 1000, 2000])
+    add("--config", required=True, help="the YAML config the checkpoints were trained with")
+    add("--checkpoints", nargs="+", required=True, metavar="LABEL=WEIGHTS",
+        help="checkpoints in training order, e.g. 480=output/efflite0_coco_cpu/model_final.pth; "
+             "the sweeps run on the last one")
+    add("--datasets", nargs="+", required=True, help="registered datasets to evaluate on, e.g. coco_mini_val coco_extra_val")
+    add("--output-dir", required=True, help="folder for study.md, study.csv and the plots")
+    add("--cache-dir", default=None, help="where computed proposals are cached, so a re-run is fast (default: OUTPUT_DIR/cache)")
+    add("--nms-threshs", type=unit_interval, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9],
+        help="NMS IoU sweep on the last checkpoint, both modes (default: 0.5 0.6 0.7 0.8 0.9)")
+    add("--pre-nms-topks", type=positive_int, nargs="+", default=[250, 500, 1000, 2000],
+        help="pre-NMS top-K per level sweep on the last checkpoint, both modes (default: 250 500 1000 2000)")
     add("--random-init-config", default=str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"),
         help="an untrained network for the table (random init), at the study config's input size and anchors; "
-             "'none': no untrained row")
-    add("--max-images", type=positive_int, default=None)
+             "'none': no untrained row (default: configs/demo/fpn_rpn_R_18_GN_synthetic.yaml)")
+    add("--max-images", type=positive_int, default=None, help="use only the first N images of each dataset (default: all)")
     add("--ss-max-side", type=_max_side, default=None,
         help="shrink images to this longer side for Selective Search (default: full size); "
              "'test': the config's INPUT.MAX_SIZE_TEST, the largest side the network sees")
-    add("--opts", nargs="*", default=[], help="KEY VALUE pairs for every config")
+    add("--opts", nargs="*", default=[], help="KEY VALUE pairs merged into every config, e.g. MODEL.DEVICE cpu")
     args = parser.parse_args(argv)
     try:
         args.checkpoints = [tuple(c.split("=", 1)) for c in args.checkpoints]

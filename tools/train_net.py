@@ -11,7 +11,8 @@ OUTPUT_DIR/inference/<dataset>/. Without CUDA, ``--num-gpus N`` runs N CPU proce
 
 Bad data, configs and checkpoints, and diverged training, stop the run with one line
 on stderr naming the file, record or key and the fault, and exit status 1; the
-traceback goes to OUTPUT_DIR/log.txt.
+traceback goes to OUTPUT_DIR/log.txt. Ctrl-C stops with "interrupted at iteration N;
+continue with --resume" and exit status 130.
 """
 import contextlib
 import functools
@@ -30,7 +31,7 @@ from fpn_rpn import ProposalRecallEvaluator, register_datasets, setup_cfg
 from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
-from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, error_line, run_cli  # noqa: F401  (re-exported for tests)
+from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, Interrupted, error_line, run_cli  # noqa: F401  (re-exported for tests)
 from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths, train_dataset_dicts
 from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
@@ -44,8 +45,9 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # DefaultTrainer.__init__ makes its checkpointer just before its hooks: replaced
         # here, the periodic checkpointer hook saves through the checked one too
-        self.checkpointer = CheckedCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
-                                                trainer=weakref.proxy(self))
+        self.checkpointer = CheckedCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            allow_partial_backbone=self.cfg.MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS)
         # no final evaluation after a failed last iteration: with several processes it would hang
         return no_eval_after_failure(super().build_hooks())
 
@@ -128,7 +130,10 @@ def _run(cfg, args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except KeyboardInterrupt as e:  # Ctrl-C: the hooks' after_train has run; the checkpoints stay
+        raise Interrupted(f"interrupted at iteration {trainer.iter}; continue with --resume") from e
 
 
 def invoke_main():

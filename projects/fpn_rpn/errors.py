@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ProcessDiedError",
+    "Interrupted",
     "CLEAR_ERRORS",
     "ArgumentParser",
     "error_line",
@@ -39,6 +40,10 @@ class ConfigError(ValueError):
 class ProcessDiedError(RuntimeError):
     """A process of a run (one of several training processes, or a data-loading worker) that ended
     without a Python exception: killed, or exited."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where the run stopped and how to continue it, for run_cli's line."""
 
 
 def require(ok: bool, key: str, value, allowed: str) -> None:
@@ -86,10 +91,14 @@ def run_cli(main, prog: str = None, args=()):
     """
     ``main(*args)`` of a command-line tool: a CLEAR_ERRORS fault ends it with one line on
     stderr, ``<prog>: error: <message>``, and exit status 1; other exceptions are bugs and
-    keep their traceback.
+    keep their traceback. Ctrl-C ends it with ``<prog>: interrupted`` (or the message of
+    :class:`Interrupted`) and exit status 130 (128 + SIGINT, as shells report it).
     """
     try:
         return main(*args)
+    except KeyboardInterrupt as e:
+        print(f"{prog or _prog()}: {e if isinstance(e, Interrupted) and str(e) else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         line = error_line(e)
         if line is None:

@@ -7,12 +7,18 @@ raises :class:`CheckpointError` instead when:
 
 - the file does not exist or cannot be read (truncated, not a checkpoint);
 - it provides none of the model's parameters (a checkpoint of another network);
+- it is a proposal file (``box_proposals.pkl``), not a checkpoint;
 - some parameter is missing or has another shape, when resuming from a checkpoint
   of the output folder (``--resume``) or with ``require_all`` (evaluation): these
-  must be checkpoints of this very model.
+  must be checkpoints of this very model;
+- as the start of a training run, it supplies under half of the backbone's parameter
+  values (names and shapes matching): a checkpoint of another backbone, whose few
+  matching tensors (say two head biases) would leave the model effectively random,
+  unless ``allow_partial_backbone`` (``MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS``).
 
 Otherwise partial loads stay allowed, as Detectron2 intends them: ImageNet weights
-provide only the backbone, a detector's weights may lack a head.
+provide only the backbone, a detector's weights may lack a head. Backbones that load
+their ImageNet weights when built (EfficientNet-Lite) take no file (MODEL.WEIGHTS "").
 
 On saving, it refuses weights with NaN or infinite values (FloatingPointError), so
 that ``last_checkpoint`` keeps naming the last good checkpoint, and it replaces
@@ -25,9 +31,13 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..data.proposal_files import PROPOSAL_KEYS
 from ..errors import CheckpointError, examples, first_line
 
 __all__ = ["CheckpointError", "CheckedCheckpointer"]
+
+# a start that supplies less of the backbone's parameter values than this is refused
+MIN_BACKBONE_FRACTION = 0.5
 
 
 class CheckedCheckpointer(DetectionCheckpointer):
@@ -35,16 +45,25 @@ class CheckedCheckpointer(DetectionCheckpointer):
     :class:`DetectionCheckpointer` with the checks of :mod:`fpn_rpn.engine.checkpoint`.
     """
 
-    def __init__(self, model, save_dir: str = "", *, require_all: bool = False, save_to_disk=None,
+    def __init__(self, model, save_dir: str = "", *, require_all: bool = False,
+                 allow_partial_backbone: bool = False, weights_key: str = "MODEL.WEIGHTS",
+                 allow_key: str = "MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS", save_to_disk=None,
                  **checkpointables):
         """
         Args:
             require_all (bool): every model parameter must be loaded, as for evaluation;
                 otherwise only when resuming.
+            allow_partial_backbone (bool): accept a start (not resuming, not ``require_all``)
+                that supplies under MIN_BACKBONE_FRACTION of the backbone's parameter values.
+            weights_key, allow_key (str): the config keys of the weights file and of
+                ``allow_partial_backbone``, named in the messages.
             Others: see :class:`DetectionCheckpointer`.
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.require_all = require_all
+        self.allow_partial_backbone = allow_partial_backbone
+        self.weights_key = weights_key
+        self.allow_key = allow_key
         self._resuming = False
         self._path = None  # the file being loaded, for messages
 
@@ -58,7 +77,7 @@ class CheckedCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args, **kwargs):
         if not path:
             if self.require_all:
-                raise CheckpointError("no checkpoint to load (MODEL.WEIGHTS is empty): the model would be random")
+                raise CheckpointError(f"no checkpoint to load ({self.weights_key} is empty): the model would be random")
             return super().load(path, *args, **kwargs)
         if not os.path.isfile(path):
             try:
@@ -89,6 +108,11 @@ class CheckedCheckpointer(DetectionCheckpointer):
             raise CheckpointError(
                 f"{filename}: not a checkpoint: holds a {type(weights).__name__} where a dict of weights should be"
             )
+        if set(PROPOSAL_KEYS) <= set(weights):
+            raise CheckpointError(
+                f"{filename}: is a proposal file ({', '.join(PROPOSAL_KEYS)}; for DATASETS.PROPOSAL_FILES_*), "
+                f"not a checkpoint: give {self.weights_key} a model's .pth, e.g. OUTPUT_DIR/model_final.pth"
+            )
         return loaded
 
     def _load_model(self, checkpoint):
@@ -109,7 +133,21 @@ class CheckedCheckpointer(DetectionCheckpointer):
                 f"{self._path}: {why} needs every parameter, but it misses {len(not_loaded)}{shapes}: "
                 f"{examples(sorted(not_loaded))}; is it a checkpoint of this config?"
             )
+        if not (self.require_all or self._resuming or self.allow_partial_backbone):
+            self._check_backbone_supplied(not_loaded)
         return incompatible
+
+    def _check_backbone_supplied(self, not_loaded) -> None:
+        """A start must supply at least MIN_BACKBONE_FRACTION of the backbone's parameter values."""
+        sizes = {name: p.numel() for name, p in self.model.named_parameters() if name.startswith("backbone.")}
+        total = sum(sizes.values())
+        loaded = sum(n for name, n in sizes.items() if name not in not_loaded)
+        if total and loaded < MIN_BACKBONE_FRACTION * total:
+            raise CheckpointError(
+                f"{self._path}: supplies {loaded / total:.1%} of the backbone's parameter values (names and shapes "
+                f"matching, {loaded} of {total}); a checkpoint of another backbone leaves the model effectively "
+                f"random: set {self.allow_key} True to train from it anyway"
+            )
 
     def save(self, name: str, **kwargs) -> None:
         if self.save_dir and self.save_to_disk:
