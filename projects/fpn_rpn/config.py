@@ -92,12 +92,6 @@ def add_fpn_rpn_config(cfg):
     # leaves the model effectively random. Resuming and evaluation need every parameter anyway.
     cfg.MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS = False
 
-    # Train from MODEL.WEIGHTS even when it supplies under half of the backbone's parameter
-    # values (names and shapes matching), e.g. another backbone's checkpoint used for a few
-    # tensors. False: such a start is a CheckpointError (fpn_rpn.engine.checkpoint), since it
-    # leaves the model effectively random. Resuming and evaluation need every parameter anyway.
-    cfg.MODEL.FPN_RPN.ALLOW_PARTIAL_BACKBONE_WEIGHTS = False
-
     # Outside MODEL because they describe data and evaluation, not the network.
     # COCO-format datasets to register before training/evaluation, so that a JSON file and
     # an image folder can be used from the command line without code: a list of
