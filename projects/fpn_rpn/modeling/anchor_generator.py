@@ -7,6 +7,7 @@ from typing import List, Sequence
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,
     DefaultAnchorGenerator,
@@ -85,6 +86,9 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
     """
 
     CACHE_SIZE = 40  # (level, size) entries: 8 input sizes x 5 levels
+    # DefaultAnchorGenerator's constant, declared again: TorchScript reads a module's Final
+    # attributes from its own class's annotations only
+    box_dim: torch.jit.Final[int] = DefaultAnchorGenerator.box_dim
 
     @configurable
     def __init__(self, *, sizes, aspect_ratios, strides, offset: float = 0.0):
@@ -106,9 +110,20 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
         self._anchor_cache.clear()  # the cell anchors are about to move or change dtype
         return super()._apply(fn, *args, **kwargs)
 
-    def _grid_anchors(self, grid_sizes: List[List[int]]):
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or not SPEEDUPS.anchor_cache:
-            return super()._grid_anchors(grid_sizes)
+    def forward(self, features: List[torch.Tensor]):
+        """L Boxes (Hi*Wi*A, 4), DefaultAnchorGenerator's; in eager mode from the cache."""
+        grid_sizes = [feature_map.shape[-2:] for feature_map in features]
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            # a traced or scripted graph computes them from the sizes it is given
+            anchors = self._grid_anchors(grid_sizes)
+        else:
+            anchors = self._cached_grid_anchors(grid_sizes)
+        return [Boxes(x) for x in anchors]
+
+    @torch.jit.unused
+    def _cached_grid_anchors(self, grid_sizes: List[List[int]]) -> List[torch.Tensor]:
+        if not SPEEDUPS.anchor_cache:
+            return self._grid_anchors(grid_sizes)
         cell_anchors = [x[1] for x in self.cell_anchors.named_buffers()]
         keys = [(level, int(size[0]), int(size[1]), base.device, base.dtype)
                 for level, (size, base) in enumerate(zip(grid_sizes, cell_anchors))]
@@ -116,7 +131,7 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
         if any(key not in cache for key in keys):
             # Plain tensors even under inference_mode, so that they can be reused outside it.
             with torch.inference_mode(False), _quiet_meshgrid():
-                for key, anchors in zip(keys, super()._grid_anchors(grid_sizes)):
+                for key, anchors in zip(keys, self._grid_anchors(grid_sizes)):
                     cache[key] = anchors
         for key in keys:
             cache.move_to_end(key)

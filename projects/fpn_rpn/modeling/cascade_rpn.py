@@ -14,7 +14,7 @@ from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .cascade_rpn_head import CascadeRPNHead
 from .config_checks import check_cascade_config
 from .proposal_generator import FPNRPN
-from .proposal_selection import clip_boxes
+from .proposal_selection import clip_boxes, image_sizes_tensor
 from .region_assignment import assign_by_region
 
 __all__ = ["CascadeRPN"]
@@ -110,7 +110,7 @@ class CascadeRPN(FPNRPN):
             decoded = self.stage1_box2box_transform.apply_deltas(
                 deltas_i.detach().reshape(-1, 4), anchors_i.tensor.repeat(n, 1)
             )
-            image_hw = torch.tensor(image_sizes, dtype=decoded.dtype, device=decoded.device)
+            image_hw = image_sizes_tensor(image_sizes, decoded.dtype, decoded.device)
             boxes.append(clip_boxes(decoded, image_hw.repeat_interleave(r, dim=0)).view(n, r, 4))
         return boxes
 

@@ -22,6 +22,18 @@ LOSS_NORMALIZERS = ("batch_size", "num_sampled", "num_positive", "anchor_locatio
 BOX_REG_LOSS_TYPES = ("smooth_l1", "l1") + DECODED_BOX_LOSS_TYPES
 
 
+def _anchor_tensors(anchors: List[Boxes]) -> List[torch.Tensor]:
+    if torch.jit.is_scripting():
+        return [a.tensor for a in anchors]
+    return _boxes_or_tensors(anchors)
+
+
+@torch.jit.unused
+def _boxes_or_tensors(anchors) -> List[torch.Tensor]:
+    """Boxes' tensors, and tensors (Cascade RPN's per-image boxes) as they are."""
+    return [a.tensor if isinstance(a, Boxes) else a for a in anchors]
+
+
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class FPNRPN(RPN):
     """
@@ -183,7 +195,7 @@ class FPNRPN(RPN):
         anchors: List[Boxes],
         pred_objectness_logits: List[torch.Tensor],
         pred_anchor_deltas: List[torch.Tensor],
-        image_sizes,
+        image_sizes: List[Tuple[int, int]],
     ):
         """
         ``anchors``: L Boxes (Hi*Wi*A, 4), or L tensors (N, Hi*Wi*A, 4) of boxes per image
@@ -196,7 +208,7 @@ class FPNRPN(RPN):
         # Proposals are fixed inputs of the ROI heads: no gradient through the boxes.
         with torch.no_grad():
             boxes, scores, levels = top_k_proposals_per_level(
-                [a.tensor if isinstance(a, Boxes) else a for a in anchors],
+                _anchor_tensors(anchors),
                 pred_anchor_deltas,
                 pred_objectness_logits,
                 self.pre_nms_topk[self.training],
@@ -214,4 +226,5 @@ class FPNRPN(RPN):
                 per_level_nms=self.nms_mode == "per_level",
                 # SCORE_THRESH_TEST: training proposals stay unfiltered, as in Detectron2
                 score_thresh=0.0 if self.training else self.score_thresh,
+                num_levels=len(anchors),
             )

@@ -10,15 +10,20 @@ Detectron2's path without changing its result:
 - :func:`top_k_proposals_per_level` decodes only the selected anchors, not all of them;
 - on CPU the NMS groups (images, or image levels) run on torch's threads side by side.
 
+Under ``torch.jit.trace`` and ``torch.jit.script`` (export: ``fpn_rpn.export``) the same
+steps take plain paths the exported graph can hold: no threads, no ``.tolist()``, sizes as
+traced tensors, one NMS per group found with a mask; the selected proposals are the same.
+
 Equal scores are ordered by index (level, then anchor), as a stable sort leaves them,
 so the result does not depend on how a sort or NMS kernel breaks ties.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.layers import batched_nms, cat
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import nms
 
@@ -29,10 +34,25 @@ _THREADED_NMS_MIN_BOXES = 2000
 
 __all__ = [
     "clip_boxes",
+    "image_sizes_tensor",
     "select_proposals",
     "top_k_proposals_per_level",
     "top_k_scores",
 ]
+
+
+@torch.jit.unused
+def _in_onnx_export() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def _stable_sort(x: torch.Tensor, dim: int = -1, descending: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x.sort(..., stable=True)``, also in an ONNX export, where the stable overload has no
+    ONNX form: there the plain one is used, which becomes ONNX's TopK, itself stable (equal
+    values in index order, by its specification)."""
+    if not torch.jit.is_scripting() and _in_onnx_export():
+        return x.sort(dim=dim, descending=descending)
+    return x.sort(dim=dim, descending=descending, stable=True)
 
 
 def top_k_scores(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +63,14 @@ def top_k_scores(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tens
     Args:
         scores: (N, R).
     """
+    if torch.jit.is_tracing():
+        # R is a traced size here: the first min(R, k) of the sort, taken by index so that
+        # the graph follows the input's size (topk's k and slicing would freeze it)
+        values, indices = _stable_sort(scores, dim=1, descending=True)
+        first = torch.arange(torch.clamp(_traced_size(scores, 1), max=k), device=scores.device)
+        return values[:, first], indices[:, first]
     k = min(k, scores.shape[1])
-    if scores.device.type == "cpu" and 0 < k < scores.shape[1]:
+    if scores.device.type == "cpu" and 0 < k < scores.shape[1] and not torch.jit.is_scripting():
         # topk is an order of magnitude faster than a full sort on CPU. It may pick any of
         # several scores tied at the k-th place; such rows (rare) take the sort below.
         values, indices = scores.topk(k, dim=1)
@@ -62,7 +88,7 @@ def top_k_proposals_per_level(
     pred_anchor_deltas: List[torch.Tensor],
     pred_objectness_logits: List[torch.Tensor],
     pre_nms_topk: int,
-    box2box_transform,
+    box2box_transform: Box2BoxTransform,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     The ``pre_nms_topk`` highest-scoring proposals of each level and image, decoding only
@@ -81,7 +107,10 @@ def top_k_proposals_per_level(
     """
     num_images = pred_anchor_deltas[0].shape[0]
     batch_idx = torch.arange(num_images, device=pred_anchor_deltas[0].device)[:, None]
-    deltas, kept_anchors, scores, levels = [], [], [], []
+    deltas: List[torch.Tensor] = []
+    kept_anchors: List[torch.Tensor] = []
+    scores: List[torch.Tensor] = []
+    levels: List[torch.Tensor] = []
     for level_id, (anchors_i, deltas_i, logits_i) in enumerate(
         zip(anchors, pred_anchor_deltas, pred_objectness_logits)
     ):
@@ -89,7 +118,8 @@ def top_k_proposals_per_level(
         scores.append(scores_i)
         deltas.append(deltas_i[batch_idx, idx])  # (N, k, 4)
         kept_anchors.append(anchors_i[idx] if anchors_i.dim() == 2 else anchors_i[batch_idx, idx])  # (N, k, 4)
-        levels.append(torch.full((idx.shape[1],), level_id, dtype=torch.int64, device=idx.device))
+        # (k,), its length taken from idx so that a traced graph follows it
+        levels.append(torch.full_like(idx[0], level_id))
     deltas, kept_anchors = cat(deltas, dim=1), cat(kept_anchors, dim=1)
     boxes = box2box_transform.apply_deltas(deltas.reshape(-1, 4), kept_anchors.reshape(-1, 4))
     return boxes.view(deltas.shape), cat(scores, dim=1), cat(levels, dim=0)
@@ -105,19 +135,65 @@ def clip_boxes(boxes: torch.Tensor, image_hw: torch.Tensor) -> torch.Tensor:
     return torch.stack((x1, y1, x2, y2), dim=-1)
 
 
-def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float) -> torch.Tensor:
+@torch.jit.unused
+def _traced_size(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.shape[dim]`` under ``torch.jit.trace``, where it is a tensor the graph computes."""
+    size = x.shape[dim]
+    assert isinstance(size, torch.Tensor), "only called under torch.jit.trace"
+    return size
+
+
+def image_sizes_tensor(image_sizes: List[Tuple[int, int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(N, 2) heights and widths of ``image_sizes``."""
+    if torch.jit.is_tracing():
+        return _traced_image_sizes(image_sizes).to(dtype=dtype, device=device)
+    return torch.tensor([[h, w] for h, w in image_sizes], dtype=dtype, device=device).reshape(-1, 2)
+
+
+@torch.jit.unused
+def _traced_image_sizes(image_sizes: List[Tuple[int, int]]) -> torch.Tensor:
+    """image_sizes_tensor under torch.jit.trace, where ImageList's sizes are (2,) tensors
+    computed from the input's shape."""
+    return torch.stack([torch.stack(list(s)) if isinstance(s, (tuple, list)) else s for s in image_sizes])
+
+
+def _nms_keys(boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Greedy NMS within each group, boxes taken in index order (``boxes`` are sorted by
-    priority). Returns the kept indices, ascending.
+    ``boxes`` at least float32, and strictly decreasing NMS keys in their dtype. The NMS
+    kernels order boxes by score with unstable sorts: such keys make them follow the index
+    order, whatever their tie-breaking. Keys in fp16 or bf16 would tie (fp16 has 11
+    significant bits: -2049 rounds to -2048), so those boxes run in float32, an exact widening.
     """
-    # The NMS kernels order boxes by score with unstable sorts: strictly decreasing keys
-    # make them follow the index order, whatever their tie-breaking.
-    keys = -torch.arange(len(boxes), dtype=boxes.dtype, device=boxes.device)
+    dtype = torch.promote_types(boxes.dtype, torch.float32)
+    boxes = boxes.to(dtype)
+    return boxes, -torch.arange(boxes.shape[0], dtype=dtype, device=boxes.device)
+
+
+def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float, num_groups: int) -> torch.Tensor:
+    """
+    Greedy NMS within each group (ids in [0, num_groups)), boxes taken in index order
+    (``boxes`` are sorted by priority). Returns the kept indices, ascending.
+    """
+    boxes, keys = _nms_keys(boxes)
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        # One NMS per group on the boxes as they are, as below, the groups found by masks
+        # in a loop of fixed length that the exported graph holds.
+        kept = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
+        for group in range(num_groups):
+            idx = (groups == group).nonzero().squeeze(1)
+            kept.append(idx[nms(boxes[idx], keys[idx], nms_thresh)])
+        return torch.cat(kept).sort().values
     if boxes.device.type != "cpu":
         return batched_nms(boxes, keys, groups, nms_thresh).sort().values
-    # On CPU, torchvision's batched_nms offsets each group's coordinates when there are
-    # few boxes, which rounds them differently from an image on its own: one NMS per group
-    # on the boxes as they are (Detectron2 runs one per image) gives the same IoUs.
+    return _cpu_nms_by_group(boxes, keys, groups, nms_thresh)
+
+
+@torch.jit.unused
+def _cpu_nms_by_group(boxes: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, nms_thresh: float) -> torch.Tensor:
+    """_nms_in_order on CPU, eager, its groups on torch's threads side by side."""
+    # torchvision's batched_nms offsets each group's coordinates when there are few boxes,
+    # which rounds them differently from an image on its own: one NMS per group on the
+    # boxes as they are (Detectron2 runs one per image) gives the same IoUs.
     by_group = groups.sort(stable=True).indices
     group_idx = [idx for idx in by_group.split(torch.bincount(groups).tolist()) if len(idx)]
 
@@ -134,6 +210,7 @@ def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float) 
     return cat(kept).sort().values if kept else groups.new_zeros((0,))
 
 
+@torch.jit.unused
 def rank_among(image_ids: torch.Tensor, num_images: int) -> torch.Tensor:
     """Position of each element among those of its image, for ``image_ids`` sorted ascending."""
     counts = torch.bincount(image_ids, minlength=num_images)
@@ -151,6 +228,7 @@ def select_proposals(
     training: bool,
     per_level_nms: bool = False,
     score_thresh: float = 0.0,
+    num_levels: Optional[int] = None,
 ) -> List[Instances]:
     """
     Filter, clip, NMS and keep the ``post_nms_topk`` best proposals of each image.
@@ -166,18 +244,21 @@ def select_proposals(
             (training has diverged); at inference they are dropped.
         per_level_nms: NMS within each level (Detectron2) instead of across levels.
         score_thresh: in [0, 1); boxes with objectness probability below it are dropped.
+        num_levels: the number of levels (``levels.max() + 1`` when not given, which a
+            traced graph would hold as a constant).
 
     Returns:
         N Instances with ``proposal_boxes`` and ``objectness_logits``, sorted by score.
     """
-    num_images, k = scores.shape
+    num_images = len(image_sizes)  # the batch size, fixed in a traced graph as in Detectron2's
     device = boxes.device
-    num_levels = int(levels.max()) + 1 if len(levels) else 1
+    if num_levels is None:
+        num_levels = int(levels.max()) + 1 if levels.numel() else 1
 
     # (N, K, ...) -> (N*K, ...), with each box's image and level
+    image_ids = torch.arange(num_images, device=device)[:, None].expand_as(scores).reshape(-1)
+    levels = levels[None].expand_as(scores).reshape(-1)
     boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-    image_ids = torch.arange(num_images, device=device).repeat_interleave(k)
-    levels = levels.repeat(num_images)
 
     keep = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
     if training and not bool(keep.all()):
@@ -188,7 +269,7 @@ def select_proposals(
     if score_thresh > 0:
         # sigmoid(s) >= p  <=>  s >= logit(p), which spares a sigmoid over all scores
         keep &= scores >= math.log(score_thresh) - math.log1p(-score_thresh)
-    image_hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=device).reshape(-1, 2)
+    image_hw = image_sizes_tensor(image_sizes, boxes.dtype, device)
     boxes, scores = boxes[keep], scores[keep]
     image_ids, levels = image_ids[keep], levels[keep]
     boxes = clip_boxes(boxes, image_hw[image_ids])
@@ -197,18 +278,27 @@ def select_proposals(
     boxes, scores, image_ids, levels = boxes[keep], scores[keep], image_ids[keep], levels[keep]
 
     # Each image's boxes by descending score, equal scores in index order (level, rank)
-    order = scores.sort(descending=True, stable=True).indices
-    order = order[image_ids[order].sort(stable=True).indices]
+    order = _stable_sort(scores, descending=True)[1]
+    order = order[_stable_sort(image_ids[order])[1]]
     boxes, scores, image_ids, levels = boxes[order], scores[order], image_ids[order], levels[order]
-    groups = image_ids * num_levels + levels if per_level_nms else image_ids
-    keep = _nms_in_order(boxes, groups, nms_thresh)
-    keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
+    if per_level_nms:
+        groups, num_groups = image_ids * num_levels + levels, num_images * num_levels
+    else:
+        groups, num_groups = image_ids, num_images
+    keep = _nms_in_order(boxes, groups, nms_thresh, num_groups)
 
-    counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
-    results = []
-    for image_size, boxes_i, scores_i in zip(
-        image_sizes, boxes[keep].split(counts), scores[keep].split(counts)
-    ):
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        # each image's first post_nms_topk, by mask and slice (no host-side counts)
+        per_image = [keep[image_ids[keep] == i][:post_nms_topk] for i in range(num_images)]
+        boxes_per_image = [boxes[keep_i] for keep_i in per_image]
+        scores_per_image = [scores[keep_i] for keep_i in per_image]
+    else:
+        keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
+        counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
+        boxes_per_image = list(boxes[keep].split(counts))
+        scores_per_image = list(scores[keep].split(counts))
+    results: List[Instances] = []
+    for image_size, boxes_i, scores_i in zip(image_sizes, boxes_per_image, scores_per_image):
         res = Instances(image_size)
         res.proposal_boxes = Boxes(boxes_i)
         res.objectness_logits = scores_i

@@ -1,4 +1,4 @@
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,7 @@ class FPNRPNHead(StandardRPNHead):
         ret["sparse_backward"] = cfg.MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD
         return ret
 
+    @torch.jit.unused
     def _is_single_conv(self) -> bool:
         """True for one 3x3 conv + ReLU (the default), the case _RPNHeadFunction computes."""
         conv = self.conv
@@ -187,8 +188,18 @@ class FPNRPNHead(StandardRPNHead):
             and conv.norm is None and type(conv.activation) is nn.ReLU
         )
 
-    def _raw_outputs(self, x: torch.Tensor):
+    def _raw_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Objectness scores (N, A or 2A, Hi, Wi) and deltas (N, A*box_dim, Hi, Wi) of one level."""
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            # StandardRPNHead's modules, which an exported graph can hold; the custom
+            # backward is a Python op that torch.jit.save cannot export
+            t = self.conv(x)
+            return self.objectness_logits(t), self.anchor_deltas(t)
+        return self._eager_outputs(x)
+
+    @torch.jit.unused
+    def _eager_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """_raw_outputs outside export: the fused ops, and the sparse backward on CPU."""
         if not self._is_single_conv():
             t = self.conv(x)
             return self.objectness_logits(t), self.anchor_deltas(t)
