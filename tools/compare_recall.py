@@ -26,6 +26,15 @@ network once per image; each post-processing then works on the same head outputs
 
     --model per_level=CFG:W.pth --model cross=CFG:W.pth MODEL.FPN_RPN.NMS_MODE cross_level
 
+With --category-groups NAME=CATEGORIES ..., the table also reports, for each group, the
+recall of that group's boxes alone (every proposal a candidate), OLN's seen/novel split:
+
+    --category-groups seen=voc novel=nonvoc animals=bird,cat,dog,18
+
+CATEGORIES: comma-separated "all", "voc", "nonvoc", COCO names and COCO ids (see
+fpn_rpn.data.categories); the dataset must number its categories as COCO does. The plots
+show all boxes.
+
 The "dup/img" column counts near-duplicates: pairs among each image's top
 max(--budgets) proposals with IoU above --duplicate-iou (0.7, Detectron2's NMS
 threshold). For an RPN with that NMS threshold these are pairs from different levels.
@@ -45,7 +54,16 @@ import numpy as np
 
 import fpn_rpn  # noqa: F401  (before detectron2)
 from fpn_rpn import setup_cfg
-from fpn_rpn.errors import ArgumentParser, CheckpointError, non_negative_int, positive_int, run_cli, unit_interval
+from fpn_rpn.data.categories import category_groups, check_coco_categories, describe
+from fpn_rpn.errors import (
+    ArgumentParser,
+    CheckpointError,
+    ConfigError,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    unit_interval,
+)
 from fpn_rpn.evaluation.duplicates import duplicates_per_image
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
 from fpn_rpn.analysis.proposal_sources import (
@@ -142,6 +160,8 @@ def parse_args(argv=None):
     add("--ss-max-side", type=positive_int, default=None,
         help="shrink images to this longer side before Selective Search (faster, lower recall)")
     add("--seed", type=non_negative_int, default=0, help="seed of Selective Search's and the anchors' ranking")
+    add("--category-groups", type=_category_group, nargs="+", default=[], metavar="NAME=CATEGORIES",
+        help="also the recall of each group's boxes alone, e.g. seen=voc novel=nonvoc pets=cat,dog")
     add("--duplicate-iou", type=unit_interval, default=0.7,
         help="IoU above which two proposals of an image count as near-duplicates (dup/img column)")
     add("--no-cache", action="store_true", help="recompute every source")
@@ -153,7 +173,19 @@ def parse_args(argv=None):
     names = [name for _, name, *_ in args.sources]
     if len(set(names)) < len(names):
         parser.error(f"source names must differ, got {names}")
+    try:
+        args.category_groups = category_groups(args.category_groups, "--category-groups")
+    except ConfigError as e:
+        parser.error(str(e))
     return args
+
+
+def _category_group(text: str):
+    """ "NAME=a,b,18" -> [NAME, ["a", "b", 18]]: digits are COCO ids, other items names or sets."""
+    name, equals, spec = text.partition("=")
+    if not equals or not spec:
+        raise argparse.ArgumentTypeError(f"expected NAME=CATEGORIES, got {text!r}")
+    return [name, [int(item) if item.strip().isdigit() else item.strip() for item in spec.split(",")]]
 
 
 def parse_sources(args):
@@ -212,14 +244,19 @@ def main(argv=None):
     cfgs = [cfg for _, _, cfg, _ in parsed if cfg is not None]
     dataset_dicts = get_dataset_dicts(args.dataset, args.max_images, cfgs)
     sources = load_sources(args, parsed, dataset_dicts)
-    gt = gt_from_coco(load_coco_ground_truth(args.dataset), [d["image_id"] for d in dataset_dicts])
+    coco_api = load_coco_ground_truth(args.dataset)
+    if args.category_groups:
+        check_coco_categories({c["id"]: c["name"] for c in coco_api.dataset["categories"]}, args.dataset,
+                              "--category-groups")
+    gt = gt_from_coco(coco_api, [d["image_id"] for d in dataset_dicts])
 
     definitions = ["d2", "coco"] if args.definition == "both" else [args.definition]
     duplicates = {s.name: float(duplicates_per_image(s.proposals, args.duplicate_iou, max(args.budgets)).mean())
                   for s in sources}
     markdown, csv_rows = [], []
     for definition in definitions:
-        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition, duplicates)
+        rows = comparison_rows(gt, sources, args.budgets, args.area_budgets, definition, duplicates,
+                               args.category_groups)
         caption = (
             f"Proposal recall on {args.dataset} ({len(dataset_dicts)} images), definition "
             f"\"{definition}\": {DEFINITION_NAMES[definition]}. AR = mean recall over IoU "
@@ -227,6 +264,9 @@ def main(argv=None):
             f"{max(args.budgets)} with IoU > {args.duplicate_iou}; s/img = time to compute "
             "one image's proposals, image reading excluded (n/a for files)."
         )
+        if args.category_groups:
+            caption += " categories = the boxes counted as ground truth (all, or one group's; every proposal " \
+                "counts): " + "; ".join(f"{name} = {describe(ids)}" for name, ids in args.category_groups.items())
         markdown.append(format_comparison_table(rows, caption))
         csv_rows += [dict(definition=definition, **row) for row in rows]
     text = "\n\n".join(markdown)

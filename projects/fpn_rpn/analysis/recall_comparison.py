@@ -5,12 +5,19 @@ All numbers come from :mod:`fpn_rpn.evaluation.proposal_recall` (``evaluate_reca
 """
 import csv
 import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Collection, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from tabulate import tabulate
 
-from ..evaluation.proposal_recall import COCO_AREAS, COCO_IOU_THRESHOLDS, evaluate_recall, metric_name, recall_curves
+from ..evaluation.proposal_recall import (
+    COCO_AREAS,
+    COCO_IOU_THRESHOLDS,
+    evaluate_recall,
+    metric_name,
+    recall_curves,
+    results_key,
+)
 from .proposal_sources import SourceProposals
 from ..evaluation.recall_evaluator import load_coco_ground_truth
 
@@ -39,6 +46,7 @@ def comparison_rows(
     area_budgets: Sequence[int],
     definition: str,
     duplicates: Mapping[str, float],
+    category_groups: Optional[Mapping[str, Collection[int]]] = None,
 ) -> List[dict]:
     """
     One row per source: "source", "AR@k" for each budget, "AR_s@k", "AR_m@k",
@@ -46,21 +54,31 @@ def comparison_rows(
     source's name: near-duplicate pairs per image, which do not depend on the
     definition) and "s/img" (NaN where unknown). The AR values are ``evaluate_recall``'s, fractions,
     NaN where no gt counts.
+
+    With ``category_groups`` (name -> category ids), a "categories" column after "source",
+    and rows for all gts ("all"), then each group's (only its gts, every proposal), each
+    block one row per source.
     """
     all_budgets = sorted({int(k) for k in list(budgets) + list(area_budgets)})
+    groups = [None] + list(category_groups or {})
+    results = {source.name: evaluate_recall(gt_by_image, source.proposals, all_budgets, definitions=[definition],
+                                            category_groups=category_groups)
+               for source in sources}
     rows = []
-    for source in sources:
-        results = evaluate_recall(gt_by_image, source.proposals, all_budgets, definitions=[definition])
-        metrics = results["recall_" + definition]
-        row = {"source": source.name}
-        row.update({metric_name("all", k): metrics[metric_name("all", k)] for k in budgets})
-        for k in area_budgets:
-            for area in ("small", "medium", "large"):
-                row[metric_name(area, k)] = metrics[metric_name(area, k)]
-        row["proposals/img"] = source.proposals_per_image
-        row["dup/img"] = duplicates[source.name]
-        row["s/img"] = source.seconds_per_image
-        rows.append(row)
+    for group in groups:
+        for source in sources:
+            metrics = results[source.name][results_key(definition, group)]
+            row = {"source": source.name}
+            if category_groups:
+                row["categories"] = group or "all"
+            row.update({metric_name("all", k): metrics[metric_name("all", k)] for k in budgets})
+            for k in area_budgets:
+                for area in ("small", "medium", "large"):
+                    row[metric_name(area, k)] = metrics[metric_name(area, k)]
+            row["proposals/img"] = source.proposals_per_image
+            row["dup/img"] = duplicates[source.name]
+            row["s/img"] = source.seconds_per_image
+            rows.append(row)
     return rows
 
 

@@ -4,7 +4,8 @@ a bare assertion or KeyError, found before any work, or named in one DataError l
 - :func:`check_datasets`, before training: a dataset name that is not registered (a
   KeyError listing every registered name), or a Detectron2 built-in dataset whose
   annotation file is not where ``$DETECTRON2_DATASETS`` says (a FileNotFoundError
-  from pycocotools).
+  from pycocotools); and a test set without COCO's categories for
+  ``TEST.RECALL_CATEGORY_GROUPS``.
 - :func:`dataset_assertions`, around building a loader: a training set left without
   any image by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` ("No valid data found in ..."),
   and a dataset without images ("Dataset '...' is empty!").
@@ -41,7 +42,9 @@ def _registered_error(key: str, name: str) -> DataError:
 def check_datasets(cfg, splits=("TRAIN", "TEST")) -> None:
     """
     Raise DataError if a dataset of ``DATASETS.<split>`` is not registered, or is a
-    Detectron2 built-in one whose annotation file does not exist.
+    Detectron2 built-in one whose annotation file does not exist; ConfigError if
+    ``TEST.RECALL_CATEGORY_GROUPS`` is set and a test dataset does not number its
+    categories as COCO does (found here, before training, rather than at evaluation).
     """
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     for split in splits:
@@ -56,6 +59,11 @@ def check_datasets(cfg, splits=("TRAIN", "TEST")) -> None:
                     f"Detectron2's built-in datasets are read from $DETECTRON2_DATASETS (now {root!r}): set it "
                     "to the folder that holds coco/"
                 )
+    if "TEST" in splits and cfg.TEST.RECALL_CATEGORY_GROUPS:
+        for name in cfg.DATASETS.TEST:
+            if not hasattr(MetadataCatalog.get(name), "thing_dataset_id_to_contiguous_id"):
+                DatasetCatalog.get(name)  # loading a COCO json sets its categories in the metadata
+            dataset_category_names(name, "TEST.RECALL_CATEGORY_GROUPS")
 
 
 @contextlib.contextmanager

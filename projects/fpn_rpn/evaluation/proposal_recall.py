@@ -23,6 +23,11 @@ COCOEvaluator prints the "d2" numbers in percent), and NaN where no gt counts.
     never count, so recall does not depend on them. Every image counts, with or
     without proposals. IoUs in float64, as pycocotools.
 
+Category groups (``TEST.RECALL_CATEGORY_GROUPS``): the recall of a group is either
+definition computed with only the group's annotations as ground truth (crowd regions
+included, ignored as above) and every proposal a candidate, i.e. the originals run on an
+annotation file filtered to the group (:func:`gt_of_categories`).
+
 Area ranges are closed on both sides, on the annotation's ``area`` (not the box's),
 like both originals; a gt of area exactly 32**2 is both small and medium.
 
@@ -32,7 +37,7 @@ edges (the best edge left at both of its ends), which accept exactly the edges t
 one-edge-at-a-time loops of the originals accept. Only edges of IoU >= the lowest
 threshold are built: lower ones can never count.
 """
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,8 +52,10 @@ __all__ = [
     "evaluate_recall",
     "format_recall_table",
     "gt_from_coco",
+    "gt_of_categories",
     "metric_name",
     "recall_curves",
+    "results_key",
 ]
 
 DEFINITIONS = ("d2", "coco")
@@ -69,6 +76,27 @@ _AREA_SUFFIX = {"all": "", "small": "_s", "medium": "_m", "large": "_l"}
 def metric_name(area: str, budget: int) -> str:
     """"AR@100" for area "all", "AR_s@100" for "small"; other areas: "AR_<name>@100"."""
     return "AR{}@{:d}".format(_AREA_SUFFIX.get(area, "_" + area), budget)
+
+
+def results_key(definition: str, group: Optional[str] = None) -> str:
+    """"recall_d2" for all gts; "recall_d2/novel" for category group "novel"."""
+    return f"recall_{definition}" + (f"/{group}" if group is not None else "")
+
+
+def gt_of_categories(gt_by_image: Mapping, category_ids: Collection[int]) -> Dict[int, dict]:
+    """
+    ``gt_by_image`` (as :func:`gt_from_coco` gives it, with "category_ids") with only the
+    annotations of ``category_ids``, crowd regions included: the ground truth of an
+    annotation file filtered to those categories. Every image stays.
+    """
+    category_ids = np.array(sorted(category_ids), dtype=np.int64)
+    selected = {}
+    for img_id, g in gt_by_image.items():
+        if "category_ids" not in g:
+            raise ValueError(f"Image {img_id!r}: category groups need the gts' \"category_ids\"")
+        keep = np.isin(np.asarray(g["category_ids"]).reshape(-1), category_ids)
+        selected[img_id] = {name: np.asarray(values)[keep] for name, values in g.items()}
+    return selected
 
 
 def gt_from_coco(coco_api, img_ids: Optional[Iterable[int]] = None) -> Dict[int, dict]:
@@ -111,9 +139,11 @@ def evaluate_recall(
     iou_thresholds: Sequence[float] = COCO_IOU_THRESHOLDS,
     areas: Mapping[str, Tuple[float, float]] = COCO_AREAS,
     definitions: Sequence[str] = DEFINITIONS,
+    category_groups: Optional[Mapping[str, Collection[int]]] = None,
 ) -> Dict[str, Dict[str, float]]:
     """
-    AR of proposals under each definition (see the module docstring).
+    AR of proposals under each definition (see the module docstring), of all gts and of
+    each category group.
 
     Args:
         gt_by_image: image_id -> dict with "boxes" (G, 4) XYXY, "areas" (G,),
@@ -128,24 +158,29 @@ def evaluate_recall(
         iou_thresholds: AR averages recall over these.
         areas: name -> closed (min, max) annotation area.
         definitions: any of "d2", "coco".
+        category_groups: name -> category ids (the gts' "category_ids"): also the AR
+            with only the group's gts (:func:`gt_of_categories`), every proposal counting.
 
     Returns:
         {"recall_<definition>": {"AR@k" / "AR_s@k" / ...: fraction or NaN}}, the
-        layout Detectron2's ``flatten_results_dict`` turns into "recall_d2/AR@100".
+        layout Detectron2's ``flatten_results_dict`` turns into "recall_d2/AR@100";
+        then "recall_<definition>/<group>" for each group (:func:`results_key`).
     """
     budgets = check_budgets(budgets)
+    gts = {None: gt_by_image}
+    for group, category_ids in (category_groups or {}).items():
+        gts[group] = gt_of_categories(gt_by_image, category_ids)
     results = {}
-    for definition in definitions:
-        recall, _ = recall_curves(
-            gt_by_image, proposals_by_image, budgets, iou_thresholds, areas, definition
-        )
-        with np.errstate(invalid="ignore"):
-            ar = recall.mean(axis=2)  # (A, K); NaN stays NaN
-        results["recall_" + definition] = {
-            metric_name(area, k): float(ar[a, i])
-            for a, area in enumerate(areas)
-            for i, k in enumerate(budgets)
-        }
+    for group, gt in gts.items():
+        for definition in definitions:
+            recall, _ = recall_curves(gt, proposals_by_image, budgets, iou_thresholds, areas, definition)
+            with np.errstate(invalid="ignore"):
+                ar = recall.mean(axis=2)  # (A, K); NaN stays NaN
+            results[results_key(definition, group)] = {
+                metric_name(area, k): float(ar[a, i])
+                for a, area in enumerate(areas)
+                for i, k in enumerate(budgets)
+            }
     return results
 
 
@@ -188,16 +223,22 @@ def format_recall_table(
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     areas: Iterable[str] = tuple(COCO_AREAS),
 ) -> str:
-    """A table of AR (fractions), one row per definition and area, one column per budget."""
+    """
+    A table of AR (fractions), one row per definition and area, one column per budget;
+    with category groups (keys "recall_<definition>/<group>"), a "categories" column
+    ("all" for every gt).
+    """
     budgets = check_budgets(budgets)
     rows = []
-    for group, metrics in results.items():
-        definition = group[len("recall_"):] if group.startswith("recall_") else group
+    grouped = any("/" in key for key in results)
+    for key, metrics in results.items():
+        definition, _, group = (key[len("recall_"):] if key.startswith("recall_") else key).partition("/")
         for area in areas:
             rows.append(
-                [definition, area] + [metrics.get(metric_name(area, k), np.nan) for k in budgets]
+                [definition] + ([group or "all"] if grouped else []) + [area]
+                + [metrics.get(metric_name(area, k), np.nan) for k in budgets]
             )
-    headers = ["definition", "area"] + ["AR@{}".format(k) for k in budgets]
+    headers = ["definition"] + (["categories"] if grouped else []) + ["area"] + ["AR@{}".format(k) for k in budgets]
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".4f", numalign="left")
 
 

@@ -18,6 +18,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from pycocotools.coco import COCO
 
+from ..data.categories import category_groups as parse_category_groups
+from ..data.categories import check_coco_categories
 from .duplicates import duplicates_per_image
 from .proposal_recall import DEFAULT_BUDGETS, check_budgets, evaluate_recall, format_recall_table, gt_from_coco
 
@@ -42,9 +44,13 @@ class ProposalRecallEvaluator(DatasetEvaluator):
     At the RPN's NMS threshold these are the pairs from different levels that per-level
     NMS keeps.
 
+    With ``category_groups`` it also reports the AR of each group of categories, with
+    only the group's boxes as ground truth and every proposal a candidate, as
+    ``"recall_d2/<name>"`` and ``"recall_coco/<name>"`` (same metric names).
+
     In a trainer: ``ProposalRecallEvaluator(cfg, dataset_name, output_dir=...)`` takes
-    the budgets from ``cfg.TEST.RECALL_BUDGETS`` and ``duplicate_iou`` from
-    ``cfg.MODEL.RPN.NMS_THRESH``.
+    the budgets from ``cfg.TEST.RECALL_BUDGETS``, the groups from
+    ``cfg.TEST.RECALL_CATEGORY_GROUPS`` and ``duplicate_iou`` from ``cfg.MODEL.RPN.NMS_THRESH``.
     """
 
     @configurable
@@ -53,6 +59,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         dataset_name: str,
         *,
         budgets: Sequence[int] = DEFAULT_BUDGETS,
+        category_groups: Sequence = (),
         duplicate_iou: float = 0.7,
         distributed: bool = True,
         output_dir: str = None,
@@ -62,6 +69,9 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         Args:
             dataset_name: a registered dataset with COCO-format ground truth.
             budgets: proposals per image at which AR is reported.
+            category_groups: [name, category spec] pairs (:mod:`fpn_rpn.data.categories`),
+                e.g. ``[("seen", "voc"), ("novel", "nonvoc")]``; the dataset must number
+                its categories as COCO does.
             duplicate_iou: IoU above which two proposals of an image are near-duplicates
                 (Detectron2's default NMS threshold).
             distributed: gather the proposals of all processes and evaluate on the
@@ -73,6 +83,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
                 Without it only the top ``max(budgets)`` of each image are kept.
         """
         self._budgets = check_budgets(budgets)
+        self._category_groups = parse_category_groups(category_groups, "category_groups")
         self._duplicate_iou = duplicate_iou
         if save_proposals and not output_dir:
             raise ValueError("save_proposals=True needs an output_dir to write box_proposals.pkl")
@@ -88,6 +99,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         return {
             "dataset_name": dataset_name,
             "budgets": cfg.TEST.RECALL_BUDGETS,
+            "category_groups": cfg.TEST.RECALL_CATEGORY_GROUPS,
             "duplicate_iou": cfg.MODEL.RPN.NMS_THRESH,
             "distributed": distributed,
             "output_dir": output_dir,
@@ -147,12 +159,16 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         if self._save_proposals:
             self._write_proposals(list(by_image.values()))
 
-        gt = gt_from_coco(load_coco_ground_truth(self._dataset_name, self._output_dir), by_image.keys())
+        coco_api = load_coco_ground_truth(self._dataset_name, self._output_dir)
+        if self._category_groups:
+            check_coco_categories({c["id"]: c["name"] for c in coco_api.dataset["categories"]},
+                                  self._dataset_name, "TEST.RECALL_CATEGORY_GROUPS")
+        gt = gt_from_coco(coco_api, by_image.keys())
         proposals = {
             img_id: {"boxes": p["boxes"], "scores": p["objectness_logits"]}
             for img_id, p in by_image.items()
         }
-        results = evaluate_recall(gt, proposals, self._budgets)
+        results = evaluate_recall(gt, proposals, self._budgets, category_groups=self._category_groups)
         table = format_recall_table(results, self._budgets)
         pairs = duplicates_per_image(proposals, self._duplicate_iou, self._budgets[-1])
         results["duplicates"] = {
