@@ -186,9 +186,86 @@ def test_lazy_config_without_detectron2_lazy_files_is_a_one_line_error(monkeypat
                                      str(LAZY_DIR / "fpn_rpn_R_50_FPN_1x.py")])
     with pytest.raises(SystemExit) as exit_info:
         tool.invoke_main()
-    message = str(exit_info.value.code)
-    assert message.startswith("lazyconfig_train_net.py: error: LazyConfig is not supported here")
-    assert "\n" not in message and "the YAML configs" in message
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("lazyconfig_train_net.py: error: LazyConfig is not supported here")
+    assert "the YAML configs" in err[0]
+
+
+# ---- overrides and weights: checked as train_net.py checks them --------------------------
+
+
+def _lazy_cfg():
+    """A LazyConfig as LazyConfig.load gives it (objects allowed), without Detectron2's common files."""
+    from detectron2.config import LazyCall as L
+    from detectron2.modeling import ProposalNetwork
+
+    model = L(ProposalNetwork)(proposal_generator=L(FPNRPN)(nms_thresh=0.7), pixel_std=[1.0, 1.0, 1.0])
+    return OmegaConf.create({"train": {"max_iter": 90000, "init_checkpoint": ""}, "model": model},
+                            flags={"allow_objects": True})
+
+
+UNKNOWN_OVERRIDES = [
+    ("train.max_itr=3", "train.max_itr", "train.max_iter"),
+    ("trian.max_iter=3", "trian.max_iter", "train.max_iter"),
+    # nms_mode: an argument of FPNRPN the config leaves at its default, suggested all the same
+    ("model.proposal_generator.nms_mod=cross_level", "model.proposal_generator.nms_mod",
+     "model.proposal_generator.nms_mode"),
+    ("model.pixel_std.3=1.0", "model.pixel_std.3", "model.pixel_std.2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("override, key, closest", UNKNOWN_OVERRIDES, ids=[o for o, *_ in UNKNOWN_OVERRIDES])
+def test_override_of_an_unknown_key_names_the_closest(override, key, closest):
+    from fpn_rpn.engine.lazy_overrides import apply_overrides
+
+    cfg = _lazy_cfg()
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(cfg, [override], " (in x.py)")
+    assert str(info.value) == f"{key} is not a config key (in x.py); did you mean {closest}? (+{key}=VALUE adds a new one)"
+    assert cfg.train.max_iter == 90000 and "trian" not in cfg  # nothing applied
+
+
+def test_override_of_an_existing_key_or_argument_applies():
+    from fpn_rpn.engine.lazy_overrides import apply_overrides
+
+    cfg = apply_overrides(_lazy_cfg(), [
+        "train.max_iter=3", "model.pixel_std.0=2.0", "model.proposal_generator.nms_thresh=0.5",
+        "model.proposal_generator.nms_mode=cross_level",  # FPNRPN's own argument
+        "model.proposal_generator.batch_size_per_image=128",  # RPN's, through FPNRPN's **kwargs
+        "+train.note=added",  # Hydra's syntax for a new key
+    ])  # fmt: skip
+    assert cfg.train.max_iter == 3 and cfg.model.pixel_std[0] == 2.0 and cfg.train.note == "added"
+    generator = cfg.model.proposal_generator
+    assert (generator.nms_thresh, generator.nms_mode, generator.batch_size_per_image) == (0.5, "cross_level", 128)
+
+
+TINY_LAZY = """
+import torch
+from detectron2.config import LazyCall as L
+
+model = L(torch.nn.Linear)(in_features=2, out_features=2)
+train = dict(output_dir={output_dir!r}, init_checkpoint="", max_iter=10, device="cpu")
+"""
+
+
+@pytest.mark.parametrize("flags, opts, words", [
+    ([], ["train.max_itr=3"], "train.max_itr is not a config key (in {config}); did you mean train.max_iter?"),
+    (["--eval-only"], ["train.init_checkpoint="],
+     "no checkpoint to load (train.init_checkpoint is empty): the model would be random"),
+])  # fmt: skip
+def test_lazyconfig_train_net_stops_with_one_line(tmp_path, flags, opts, words):
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY_LAZY.format(output_dir=str(tmp_path / "out")))
+    cmd = [sys.executable, str(REPO / "tools" / "lazyconfig_train_net.py"), "--config-file", str(config), *flags, *opts]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and err[-1].startswith(f"lazyconfig_train_net.py: error: {words.format(config=config)}"), err
+    assert "Traceback" not in run.stderr
 
 
 def _tiny_coco(root, name, num_images):

@@ -13,13 +13,18 @@ those of Detectron2's ``configs/common/train.py``, as for Detectron2's own
 tools/lazyconfig_train_net.py, which runs these configs as well. LazyConfig needs a
 Detectron2 that ships its LazyConfig files (one built from the official sources); on
 others the run stops with one line saying so.
+
+As with tools/train_net.py, a fault stops the run with one line on stderr and exit status 1:
+an override of a key the config lacks (with the closest existing key; ``+key=value`` adds
+one), ``--eval-only`` without ``train.init_checkpoint``, and a checkpoint that cannot be used
+(fpn_rpn.engine.checkpoint: a start that supplies under half of the backbone needs
+``train.allow_partial_backbone_weights=True``). Ctrl-C stops with the iteration to resume from.
 """
+import functools
 import logging
 import os
-import sys
 
 import fpn_rpn  # noqa: F401  (registers the components; must precede detectron2)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -28,20 +33,39 @@ from detectron2.engine import (
     default_setup,
     default_writers,
     hooks,
-    launch,
 )
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from fpn_rpn import add_fpn_rpn_config, register_datasets
-from fpn_rpn.errors import ConfigError
+from fpn_rpn.engine.checkpoint import CheckedCheckpointer
+from fpn_rpn.engine.lazy_overrides import apply_overrides
+from fpn_rpn.engine.launch import create_ddp_model, launch
+from fpn_rpn.errors import Interrupted, run_cli
 
 logger = logging.getLogger("fpn_rpn")
 
 
+# keys this tool reads beyond Detectron2's configs/common/train.py, with their defaults
+TOOL_KEYS = {"train.allow_partial_backbone_weights": False}
+
+
 def load_config(config_file: str, opts):
-    """The LazyConfig ``config_file`` with ``key=value`` overrides applied."""
-    return LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+    """The LazyConfig ``config_file`` with ``key=value`` overrides applied, each key checked
+    (:func:`fpn_rpn.engine.lazy_overrides.apply_overrides`)."""
+    cfg = LazyConfig.load(config_file)
+    for key, default in TOOL_KEYS.items():
+        group, name = key.rsplit(".", 1)
+        if group in cfg and name not in cfg[group]:
+            cfg[group][name] = default
+    return apply_overrides(cfg, opts, f" (in {config_file})")
+
+
+def checkpointer(cfg, model, **kwargs):
+    """fpn_rpn's checked loader, naming this tool's keys in its messages."""
+    return CheckedCheckpointer(model, cfg.train.output_dir, weights_key="train.init_checkpoint",
+                               allow_key="train.allow_partial_backbone_weights",
+                               allow_partial_backbone=cfg.train.get("allow_partial_backbone_weights", False),
+                               **kwargs)
 
 
 def register(cfg) -> None:
@@ -68,20 +92,23 @@ def do_train(cfg, resume: bool):
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_class(model, instantiate(cfg.dataloader.train), optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpoints = checkpointer(cfg, model, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+        hooks.PeriodicCheckpointer(checkpoints, **cfg.train.checkpointer) if main_process else None,
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main_process else None,
     ])
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    checkpoints.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     # the checkpoint holds the iteration that just finished
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    start_iter = trainer.iter + 1 if resume and checkpoints.has_checkpoint() else 0
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted at iteration {trainer.iter}; continue with --resume") from e
     return trainer.storage.latest()
 
 
@@ -92,18 +119,20 @@ def main(args):
     if not args.eval_only:
         return do_train(cfg, args.resume)
     model = instantiate(cfg.model).to(cfg.train.device)
-    DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # every parameter from the file: an empty train.init_checkpoint would evaluate a random model
+    checkpointer(cfg, model, require_all=True).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     return do_test(cfg, create_ddp_model(model))
+
+
+def _load_and_launch(args):
+    load_config(args.config_file, args.opts)  # a config that cannot load stops here, before any process starts
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
 
 
 def invoke_main():
     args = default_argument_parser().parse_args()
-    try:  # a config that cannot load stops here, before any process starts
-        load_config(args.config_file, args.opts)
-    except ConfigError as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    run_cli(functools.partial(_load_and_launch, args), os.path.basename(__file__))
 
 
 if __name__ == "__main__":
