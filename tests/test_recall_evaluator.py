@@ -22,6 +22,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 
 from fpn_rpn import add_fpn_rpn_config
+from fpn_rpn.engine.launch import destroy_process_group
 from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco
 from fpn_rpn.evaluation.recall_evaluator import ProposalRecallEvaluator
 from conftest import coco_dict
@@ -213,7 +214,7 @@ def _gather_worker(rank, init_file, json_file, out_dir):
         with open(f"{out_dir}/{rank}.pkl", "wb") as f:
             pickle.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()  # gloo's threads joined before the interpreter exits
 
 
 def test_gather_across_two_processes(tmp_path):

@@ -7,6 +7,7 @@ own functions are used unchanged; without one, the variants below run N gloo
 processes on CPU.
 """
 import contextlib
+import gc
 import logging
 import os
 from datetime import timedelta
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ProcessDiedError
 
-__all__ = ["launch", "create_ddp_model", "cpu_ddp_for_trainer"]
+__all__ = ["launch", "create_ddp_model", "cpu_ddp_for_trainer", "destroy_process_group"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -93,6 +94,25 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
     comm.synchronize()
     main_func(*args)
+    destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """
+    ``torch.distributed.destroy_process_group()``, and gloo's threads ended now.
+
+    torch's function leaves the groups' C++ objects, and their threads (gloo_tcp_loop,
+    pt_gloo_runloop), alive while Python objects refer to them, and Detectron2 keeps two:
+    ``comm._get_global_gloo_group``'s cache (the default group, once ``comm.gather`` ran)
+    and ``comm._LOCAL_PROCESS_GROUP``. They were then destroyed during interpreter shutdown
+    with their threads still running, and the process sometimes ended with SIGABRT
+    ("terminate called without an active exception") after its work was done.
+    """
+    dist.destroy_process_group()
+    comm._get_global_gloo_group.cache_clear()
+    if hasattr(comm, "_LOCAL_PROCESS_GROUP"):
+        comm._LOCAL_PROCESS_GROUP = None
+    gc.collect()  # the groups are freed here, joining their threads
 
 
 def create_ddp_model(model, **kwargs):
