@@ -36,6 +36,17 @@ def _check_input(cfg):
         require(_is_int(value) and value > 0, f"INPUT.{key}", value, "must be a positive integer (pixels)")
 
 
+def _check_pixel_statistics(cfg):
+    # the model normalises each channel of the INPUT.FORMAT image by them: Detectron2 fails with an
+    # assertion (lengths differ) or a broadcast error in the first forward pass (wrong length)
+    channels = 1 if cfg.INPUT.FORMAT == "L" else 3
+    for key, low in (("PIXEL_MEAN", None), ("PIXEL_STD", 0)):
+        values = list(cfg.MODEL.get(key))
+        require(len(values) == channels and all(_is_number(v) and (low is None or v > low) for v in values),
+                f"MODEL.{key}", values, f"must be {channels} {'positive ' if low is not None else ''}numbers, "
+                f"one per channel of INPUT.FORMAT {cfg.INPUT.FORMAT!r}")
+
+
 def _check_solver(cfg):
     solver = cfg.SOLVER
     for key in ("IMS_PER_BATCH", "MAX_ITER", "CHECKPOINT_PERIOD"):
@@ -81,6 +92,7 @@ def check_run_config(cfg, world_size: int = 1) -> None:
     ``SOLVER.IMS_PER_BATCH`` (Detectron2 would stop with a bare assertion).
     """
     _check_input(cfg)
+    _check_pixel_statistics(cfg)
     _check_solver(cfg)
     _check_test(cfg)
     _check_categories(cfg)
