@@ -203,3 +203,20 @@ def test_per_image_anchors_equal_image_by_image():
         torch.testing.assert_close(boxes[i:i + 1], single[0], rtol=0, atol=0)
         torch.testing.assert_close(scores[i:i + 1], single[1], rtol=0, atol=0)
     assert levels.tolist() == [0] * 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nms_keeps_index_order_beyond_the_half_precision_integers(dtype):
+    # fp16 holds integers exactly only up to 2048 (bf16: 256): keys -arange(n) in that dtype
+    # would tie beyond, and NMS would be free to keep either box of a pair. Pairs of the same
+    # box, 3000 of them: the first of each pair (lower index, higher priority) must be kept.
+    from fpn_rpn.modeling.proposal_selection import _nms_in_order, _nms_keys
+
+    # 60 rows of 50 disjoint 10x10 boxes, 20 px apart: coordinates below 1200 stay disjoint once rounded
+    boxes = torch.cat([_far_apart_boxes(50) + torch.tensor([0.0, 20.0, 0.0, 20.0]) * row for row in range(60)])
+    boxes = boxes.repeat_interleave(2, dim=0).to(dtype)
+    boxes, keys = _nms_keys(boxes)
+    assert keys.dtype == torch.float32 and bool((keys[1:] < keys[:-1]).all())
+    groups = torch.zeros(len(boxes), dtype=torch.int64)
+    kept = _nms_in_order(boxes.to(dtype), groups, NMS_THRESH, num_groups=1)
+    torch.testing.assert_close(kept, torch.arange(0, 6000, 2))
