@@ -207,7 +207,9 @@ class FPNRPNHead(StandardRPNHead):
                   self.anchor_deltas.weight, self.anchor_deltas.bias)
         if not torch.is_grad_enabled():
             return _head_forward(x, *params)[1:]
-        if self.sparse_backward and x.device.type == "cpu":
+        # Under autocast the convolutions' outputs are in half precision while the weights are
+        # not, which the sparse backward's matmuls do not mix: autograd's backward then.
+        if self.sparse_backward and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return _RPNHeadFunction.apply(x, *params)
         # On GPUs the dense backward is fast, and the sparse one would need a host-device sync.
         t = self.conv(x)
