@@ -5,6 +5,9 @@
 # make test-official-d2 : build Detectron2's official sources, _C included, into
 #     .venv-d2official/ (first run only, about 6 minutes) and run the test suite there
 # make check-env : say which torch, CUDA and Detectron2 (_C or not) .venv/ has
+# make gpu-check OUT=dir : on a machine with one GPU, the checks CI cannot run, in at most
+#     8 minutes (tools/gpu_check.py); summary.md and raw logs in dir. GPU_CHECK_PYTHON=... picks
+#     the environment (default .venv's python where it exists); nothing is installed
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +17,7 @@ D2_STAMP := $(D2_VENV)/.fpn_rpn-installed
 # Detectron2's official sources (a checkout or a .tar.gz); the vendored snapshot by default
 D2_OFFICIAL_SRC ?= $(firstword $(wildcard shared/vendor/detectron2-*.tar.gz ../shared/vendor/detectron2-*.tar.gz))
 
-.PHONY: venv test demo check-env install-into test-into test-official-d2 clean-venv clean-venv-d2official
+.PHONY: venv test demo check-env gpu-check install-into test-into test-official-d2 clean-venv clean-venv-d2official
 
 venv: $(STAMP)
 
@@ -50,3 +53,8 @@ clean-venv:
 
 clean-venv-d2official:
 	rm -rf $(D2_VENV)
+
+OUT ?= output/gpu_check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --output $(OUT) --python $(GPU_CHECK_PYTHON)
