@@ -89,3 +89,28 @@ def coco_dict(images, annotations, categories=(1,)):
         ],
         "categories": [{"id": c, "name": str(c)} for c in categories],
     }
+
+
+def gt_instances(image_size, boxes):
+    """Ground-truth Instances of one image: (G, 4) XYXY ``boxes``."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    return inst
+
+
+def rpn_inputs(shapes, image_sizes, gt_boxes, seed=0, padded=128):
+    """
+    (ImageList of the images padded to ``padded`` x ``padded``, random features of ``shapes``
+    ({name: ShapeSpec}), ground-truth Instances of ``gt_boxes``), for a proposal generator.
+    """
+    import torch
+    from detectron2.structures import ImageList
+
+    g = torch.Generator().manual_seed(seed)
+    images = ImageList(torch.zeros(len(image_sizes), 3, padded, padded), list(image_sizes))
+    features = {f: torch.randn(len(image_sizes), s.channels, padded // s.stride, padded // s.stride, generator=g)
+                for f, s in shapes.items()}
+    return images, features, [gt_instances(size, boxes) for size, boxes in zip(image_sizes, gt_boxes)]

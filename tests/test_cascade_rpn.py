@@ -13,13 +13,15 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator import build_proposal_generator
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from fpn_rpn import CascadeRPN, CascadeRPNHead, FPNAnchorGenerator, add_fpn_rpn_config
 from fpn_rpn.errors import ConfigError
 from fpn_rpn.modeling.region_assignment import assign_by_region
+
+from conftest import rpn_inputs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 C = 8
@@ -36,21 +38,10 @@ def _cfg(config="cascade_rpn_R_50_FPN_1x.yaml", opts=()):
     return cfg
 
 
-def _gt(image_size, boxes):
-    inst = Instances(image_size)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    return inst
-
-
 def _inputs(seed=0):
     """2 images of 128 x 128 and 100 x 120 padded to 128 x 128, P2-P6 features, ground truth."""
-    g = torch.Generator().manual_seed(seed)
-    image_sizes = [(128, 128), (100, 120)]
-    images = ImageList(torch.zeros(2, 3, 128, 128), image_sizes)
-    features = {f: torch.randn(2, C, 128 // s.stride, 128 // s.stride, generator=g) for f, s in SHAPES.items()}
-    gt = [_gt(image_sizes[0], [[10, 20, 60, 90], [50, 60, 70, 90], [0, 0, 110, 120]]),
-          _gt(image_sizes[1], [[30, 30, 100, 80]])]
-    return images, features, gt
+    return rpn_inputs(SHAPES, [(128, 128), (100, 120)],
+                      [[[10, 20, 60, 90], [50, 60, 70, 90], [0, 0, 110, 120]], [[30, 30, 100, 80]]], seed)
 
 
 def _from_kwargs(**overrides):

@@ -9,10 +9,12 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from fpn_rpn import FPNRPN, add_fpn_rpn_config
+
+from conftest import gt_instances, rpn_inputs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 C = 16  # feature channels
@@ -39,21 +41,13 @@ def _one_level_rpn(**rpn_keys):
     return build_proposal_generator(cfg, {"p2": SHAPES["p2"]})
 
 
-def _gt(image_size, boxes):
-    inst = Instances(image_size)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    return inst
+_gt = gt_instances
 
 
 def _inputs(seed=0):
     """2 images of different sizes padded to 128 x 128, random P2-P6 features, ground truth."""
-    g = torch.Generator().manual_seed(seed)
-    image_sizes = [(128, 96), (100, 120)]
-    images = ImageList(torch.zeros(2, 3, 128, 128), image_sizes)
-    features = {f: torch.randn(2, C, 128 // s.stride, 128 // s.stride, generator=g) for f, s in SHAPES.items()}
-    gt = [_gt(image_sizes[0], [[10, 20, 60, 90], [50, 60, 70, 90], [0, 0, 90, 120]]),
-          _gt(image_sizes[1], [[30, 30, 100, 80]])]
-    return images, features, gt
+    return rpn_inputs(SHAPES, [(128, 96), (100, 120)],
+                      [[[10, 20, 60, 90], [50, 60, 70, 90], [0, 0, 90, 120]], [[30, 30, 100, 80]]], seed)
 
 
 def _randomize_head(rpn, seed=1, std=0.1):

@@ -11,7 +11,7 @@ range over rounds. Data loading is left out (the images are mapped once, before)
 import copy
 import statistics
 from dataclasses import dataclass, fields
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from ..modeling.speedups import SpeedUps, speedups_off
 from .proposal_sources import get_dataset_dicts
 from .timing import time_calls
 
-__all__ = ["SHIPPED_CONFIGS", "SPEEDUP_NAMES", "WholeResult", "benchmark_config", "format_whole_table"]
+__all__ = ["SHIPPED_CONFIGS", "SPEEDUP_NAMES", "WholeResult", "benchmark_config", "format_whole_table", "load_batch",
+           "whole_steps"]
 
 # name -> (config file relative to the repository, images per iteration and process)
 SHIPPED_CONFIGS = {
@@ -81,6 +82,24 @@ def _inference_step(model, batch):
     return step
 
 
+def whole_steps(models: Dict[str, tuple], batch: List[dict], is_train: bool) -> Dict[str, Callable]:
+    """
+    One whole training iteration (SGD at LR 0, so that every round computes the same thing)
+    or inference pass on ``batch`` per model of ``models`` ({name: (cfg, model)}), for
+    :func:`~fpn_rpn.analysis.timing.time_calls`.
+    """
+    steps = {}
+    for name, (cfg, model) in models.items():
+        if is_train:
+            optimizer = build_optimizer(cfg, model)
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+            steps[name] = _train_step(model, optimizer, batch)
+        else:
+            steps[name] = _inference_step(model, batch)
+    return steps
+
+
 def _switched_off(step, model, name: str):
     """``step`` run with the speed-up ``name`` off."""
     head = model.proposal_generator.rpn_head
@@ -117,15 +136,7 @@ def benchmark_config(name: str, config_file: str, batch_size: int, train_dataset
     for setting in SETTINGS:
         is_train = setting == "train"
         batch = load_batch(cfg, train_dataset if is_train else test_dataset, batch_size, is_train)
-        steps = {}
-        for variant, model in ((STOCK, stock), (OURS, ours)):
-            if is_train:
-                optimizer = build_optimizer(cfg, model)
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.0  # every round computes the same thing
-                steps[variant] = _train_step(model, optimizer, batch)
-            else:
-                steps[variant] = _inference_step(model, batch)
+        steps = whole_steps({STOCK: (cfg, stock), OURS: (cfg, ours)}, batch, is_train)
         for speedup in SPEEDUP_NAMES:
             if is_train or speedup != "sparse_head_backward":  # training-only
                 steps[without(speedup)] = _switched_off(steps[OURS], ours, speedup)
