@@ -463,8 +463,9 @@ def _assert_one_line_error(run, pattern):
         # Detectron2's check of the summed loss (loss_rpn_loc x 1e39 is inf in float32)
         (["MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "1e39"],
          r"Loss became infinite or NaN at iteration=30! loss_dict = \{.*'loss_rpn_loc': \S*(inf|nan)\S*\}"),
-        # fpn_rpn's check of the predictions (a zero pixel std makes the input infinite)
-        (["MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]"],
+        # fpn_rpn's check of the predictions (a pixel std of 1e-39, positive as the config check
+        # requires, makes the normalised input overflow float32 to infinity)
+        (["MODEL.PIXEL_STD", "[1e-39, 1e-39, 1e-39]"],
          r"RPN predicted boxes or objectness logits contain Inf/NaN: training has diverged .* \(iteration 30\)"),
     ],
     ids=["loss", "predictions"],
