@@ -142,15 +142,23 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--model", action=_AddSource, const="model", nargs="+", metavar="NAME=CONFIG[:WEIGHTS] [KEY VALUE]")
-    add("--random-init", action=_AddSource, const="random_init", nargs="+", metavar="NAME=CONFIG [KEY VALUE]")
-    add("--proposals", action=_AddSource, const="proposals", metavar="NAME=FILE")
+    add("--model", action=_AddSource, const="model", nargs="+", metavar="NAME=CONFIG[:WEIGHTS] [KEY VALUE]",
+        help="a trained model as a source named NAME: its YAML config, its weights after ':' (default: the "
+             "config's MODEL.WEIGHTS), then KEY VALUE overrides for this source only; repeatable")
+    add("--random-init", action=_AddSource, const="random_init", nargs="+", metavar="NAME=CONFIG [KEY VALUE]",
+        help="the config's model with Detectron2's random initialisation (seed 0), a deliberate untrained "
+             "baseline; repeatable")
+    add("--proposals", action=_AddSource, const="proposals", metavar="NAME=FILE",
+        help="a proposal file (Detectron2's PROPOSAL_FILES format, e.g. train_net.py's "
+             "inference/<dataset>/box_proposals.pkl); repeatable")
     # without NAME, argparse passes const as the value: the name is then "selective_search"
-    add("--selective-search", action=_AddSource, const="selective_search", nargs="?", metavar="NAME")
-    add("--anchors", action=_AddSource, const="anchors", metavar="[NAME=]CONFIG")
+    add("--selective-search", action=_AddSource, const="selective_search", nargs="?", metavar="NAME",
+        help="OpenCV's Selective Search (fast mode) as a source, named NAME (default: selective_search)")
+    add("--anchors", action=_AddSource, const="anchors", metavar="[NAME=]CONFIG",
+        help="the bare anchors of the config's anchor generator, in random order, as a source")
     add("--dataset", required=True, help="a registered dataset, e.g. coco_mini_val, coco_2017_val")
     add("--max-images", type=positive_int, default=None, help="use only the dataset's first N images")
-    add("--output-dir", required=True)
+    add("--output-dir", required=True, help="where the table (recall_table.md), CSV, plots and proposal cache go")
     add("--budgets", type=positive_int, nargs="+", default=list(DEFAULT_BUDGETS), help="AR@k columns")
     add("--area-budgets", type=positive_int, nargs="+", default=[100, 1000],
         help="budgets of the small/medium/large columns")
