@@ -341,3 +341,12 @@ def test_source_overrides_must_be_pairs(tmp_path, capsys):
         tool.parse_args(["--dataset", "d", "--output-dir", str(tmp_path),
                          "--model", f"a={DEMO_CONFIG}:w.pth", "MODEL.FPN_RPN.NMS_MODE"])
     assert info.value.code == 2 and "KEY VALUE pairs" in capsys.readouterr().err
+
+
+def test_misspelled_dataset_names_the_closest_registered_one(capsys):
+    from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
+    from fpn_rpn.errors import DataError
+
+    with pytest.raises(DataError, match=r"^the command line names dataset 'coco_mini_vall', which is not "
+                                        r"registered; did you mean 'coco_mini_val'\? "):
+        get_dataset_dicts("coco_mini_vall")

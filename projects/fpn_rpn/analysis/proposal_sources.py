@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .anchor_analysis import AnchorGrid, input_size_at_test
 from .postprocessing_variants import network_key, run_postprocessing_variants
 from ..config import add_fpn_rpn_config
+from ..data.build import unregistered_dataset_error
 from ..data.datasets import register_datasets
 from ..data.proposal_files import check_covers_images, read_proposal_file
 from ..errors import ConfigError, DataError
@@ -95,12 +96,7 @@ def get_dataset_dicts(dataset_name: str, max_images: Optional[int] = None, cfgs:
     for cfg in list(cfgs) or [add_fpn_rpn_config(get_cfg())]:
         register_datasets(cfg)
     if dataset_name not in DatasetCatalog.list():
-        own = sorted(n for n in DatasetCatalog.list() if n.startswith(("coco_", "fpn_rpn_")))
-        raise DataError(
-            f"Dataset {dataset_name!r} is not registered. fpn_rpn registers {own}; Detectron2's "
-            "built-in names (coco_2017_val, ...) need their files under $DETECTRON2_DATASETS; "
-            "others can be added with DATASETS.REGISTER_COCO in a config."
-        )
+        raise unregistered_dataset_error("the command line", dataset_name)
     dicts = DatasetCatalog.get(dataset_name)
     return dicts if max_images is None else dicts[:max_images]
 

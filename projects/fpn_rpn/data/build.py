@@ -27,14 +27,17 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_datas
 from ..errors import ConfigError, DataError, ProcessDiedError, first_line
 from .categories import NAMED_SETS, category_ids, dataset_category_names, describe, keep_categories
 
-__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts"]
+__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts",
+           "unregistered_dataset_error"]
 
 
-def _registered_error(key: str, name: str) -> DataError:
+def unregistered_dataset_error(where: str, name: str) -> DataError:
+    """The one line for a dataset ``name`` that ``where`` (a config key, a tool option) names but
+    that is not registered, with the closest registered name."""
     close = difflib.get_close_matches(name, DatasetCatalog.list(), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return DataError(
-        f"{key} names dataset '{name}', which is not registered; {hint}a COCO json and image folder "
+        f"{where} names dataset '{name}', which is not registered; {hint}a COCO json and image folder "
         "are registered with DATASETS.REGISTER_COCO [[name, json_file, image_root]]"
     )
 
@@ -50,7 +53,7 @@ def check_datasets(cfg, splits=("TRAIN", "TEST")) -> None:
     for split in splits:
         for name in cfg.DATASETS.get(split):
             if name not in DatasetCatalog.list():
-                raise _registered_error(f"DATASETS.{split}", name)
+                raise unregistered_dataset_error(f"DATASETS.{split}", name)
             json_file = getattr(MetadataCatalog.get(name), "json_file", None)
             # only the built-in names are registered with paths under $DETECTRON2_DATASETS
             if json_file and json_file.startswith(os.path.join(root, "")) and not os.path.isfile(json_file):
