@@ -104,13 +104,14 @@ class CascadeRPN(FPNRPN):
 
     def _stage1_boxes(self, anchors: List[Boxes], deltas: List[torch.Tensor], image_sizes) -> List[torch.Tensor]:
         """Stage-1 boxes, L tensors (N, Hi*Wi, 4), clipped to their image, without gradient."""
+        # (N, 2), in float32 as apply_deltas decodes (bf16 would round sizes such as 1333)
+        image_hw = image_sizes_tensor(image_sizes, torch.float32, deltas[0].device)
         boxes = []
         for anchors_i, deltas_i in zip(anchors, deltas):
             n, r = deltas_i.shape[:2]
             decoded = self.stage1_box2box_transform.apply_deltas(
                 deltas_i.detach().reshape(-1, 4), anchors_i.tensor.repeat(n, 1)
             )
-            image_hw = image_sizes_tensor(image_sizes, decoded.dtype, decoded.device)
             boxes.append(clip_boxes(decoded, image_hw.repeat_interleave(r, dim=0)).view(n, r, 4))
         return boxes
 
@@ -174,7 +175,7 @@ class CascadeRPN(FPNRPN):
         """IoU loss of the decoded stage-1 boxes of the positive anchors."""
         labels, matched = self.label_stage1(anchors, gt_boxes)
         pos = labels == 1
-        image_idx, anchor_idx = pos.nonzero(as_tuple=True)
+        anchor_idx = pos.nonzero(as_tuple=True)[1]  # row-major, as [pos]
         pred = self.stage1_box2box_transform.apply_deltas(cat(deltas, dim=1)[pos], Boxes.cat(anchors).tensor[anchor_idx])
         loss = box_regression_loss(pred, matched[pos], self.box_reg_loss_type)
         get_event_storage().put_scalar("rpn/stage1_num_pos_anchors", pos.sum().item() / len(gt_boxes))
