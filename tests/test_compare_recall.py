@@ -343,10 +343,13 @@ def test_source_overrides_must_be_pairs(tmp_path, capsys):
     assert info.value.code == 2 and "KEY VALUE pairs" in capsys.readouterr().err
 
 
-def test_misspelled_dataset_names_the_closest_registered_one(capsys):
+def test_misspelled_dataset_names_the_closest_registered_one(catalogs):
+    from detectron2.data import DatasetCatalog
+
     from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
     from fpn_rpn.errors import DataError
 
-    with pytest.raises(DataError, match=r"^the command line names dataset 'coco_mini_vall', which is not "
-                                        r"registered; did you mean 'coco_mini_val'\? "):
-        get_dataset_dicts("coco_mini_vall")
+    DatasetCatalog.register("cr_tiny_val", lambda: [])
+    with pytest.raises(DataError, match=r"^the command line names dataset 'cr_tinny_val', which is not "
+                                        r"registered; did you mean 'cr_tiny_val'\? "):
+        get_dataset_dicts("cr_tinny_val")
