@@ -80,7 +80,7 @@ BAD = [
     ("MODEL.ANCHOR_GENERATOR.NAME", "FPNAnchors",
      r"^MODEL.ANCHOR_GENERATOR.NAME = 'FPNAnchors' is not registered; registered: \[.*'FPNAnchorGenerator'.*\]$"),
     ("MODEL.FPN_RPN.OBJECTNESS", "tanh",
-     r"^MODEL.FPN_RPN.OBJECTNESS must be one of \('sigmoid', 'softmax'\), got 'tanh'$"),
+     r"^MODEL.FPN_RPN.OBJECTNESS must be one of \('sigmoid', 'softmax', 'centerness'\), got 'tanh'$"),
     ("MODEL.FPN_RPN.NMS_MODE", "global",
      r"^MODEL.FPN_RPN.NMS_MODE must be one of \('cross_level', 'per_level'\), got 'global'$"),
     ("MODEL.FPN_RPN.LOC_LOSS_NORMALIZER", "mean", r"^MODEL.FPN_RPN.LOC_LOSS_NORMALIZER must be one of \('batch_size'"),

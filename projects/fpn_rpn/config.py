@@ -27,7 +27,14 @@ def add_fpn_rpn_config(cfg):
     cfg.MODEL.FPN_RPN = CN()
     # "sigmoid": one logit per anchor (Detectron2, loads model-zoo RPN weights);
     # "softmax": two scores per anchor, background then object (Faster R-CNN's original).
+    # "centerness": one logit per anchor whose sigmoid learns the anchor's centerness in the
+    # object it overlaps instead of object vs background (OLN's localization quality, which
+    # generalizes to classes unseen in training: modeling/localization_quality.py).
     cfg.MODEL.FPN_RPN.OBJECTNESS = "sigmoid"
+    # With OBJECTNESS "centerness": anchors whose IoU with their best ground truth is below the
+    # first value are negatives (target 0), from the second on positives (target: centerness);
+    # MODEL.RPN.BATCH_SIZE_PER_IMAGE are sampled per image, positives first. OLN's values.
+    cfg.MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS = [0.1, 0.3]
     # "per_level": NMS inside each level only (Detectron2's RPN, reproduced exactly);
     # "cross_level": one class-agnostic NMS over the proposals of all levels of an
     # image, so a box found on two levels survives once. per_level is the default

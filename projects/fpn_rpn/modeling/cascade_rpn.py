@@ -1,7 +1,6 @@
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -187,17 +186,15 @@ class CascadeRPN(FPNRPN):
     def stage2_losses(self, boxes, logits, deltas, gt_boxes, anchors) -> Dict[str, torch.Tensor]:
         """Objectness loss over the sampled stage-1 boxes and IoU loss of the positive ones."""
         labels, matched = self.label_and_sample_boxes(boxes, gt_boxes)
-        pos, valid = labels == 1, labels >= 0
+        pos = labels == 1
         storage = get_event_storage()
         storage.put_scalar("rpn/num_pos_anchors", pos.sum().item() / len(gt_boxes))
         storage.put_scalar("rpn/num_neg_anchors", (labels == 0).sum().item() / len(gt_boxes))
         pred = self.box2box_transform.apply_deltas(cat(deltas, dim=1)[pos], boxes[pos])
         localization_loss = box_regression_loss(pred, matched[pos], self.box_reg_loss_type)
-        objectness_loss = F.binary_cross_entropy_with_logits(
-            cat(logits, dim=1)[valid], labels[valid].to(torch.float32), reduction="sum"
-        )
+        objectness_loss, objectness_labels = self._objectness_loss(cat(logits, dim=1), labels, boxes, matched)
         losses = {
-            "loss_rpn_cls": objectness_loss / self._normalizer(self.cls_loss_normalizer, labels, anchors),
+            "loss_rpn_cls": objectness_loss / self._normalizer(self.cls_loss_normalizer, objectness_labels, anchors),
             "loss_rpn_loc": localization_loss / self._normalizer(self.loc_loss_normalizer, labels, anchors),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}

@@ -69,6 +69,10 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
         value = rpn.get(key)
         _check(isinstance(value, Real) and math.isfinite(value) and value >= 0, f"MODEL.RPN.{key}", value,
                "must be a number >= 0")
+    low_high = list(cfg.MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS)
+    _check(len(low_high) == 2 and all(isinstance(t, Real) for t in low_high) and 0 < low_high[0] <= low_high[1] <= 1,
+           "MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS", low_high,
+           "must be [negative below, positive from] with 0 < first <= second <= 1, e.g. [0.1, 0.3]")
     _check(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE >= 0, "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
            cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
     # Cascade RPN's head and generator go together

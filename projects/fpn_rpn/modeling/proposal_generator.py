@@ -13,6 +13,7 @@ from fvcore.nn import smooth_l1_loss
 from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .config_checks import check_rpn_config
 from ..errors import ConfigError
+from .localization_quality import OBJECTNESS_TARGETS, centerness_labels, centerness_loss
 from .proposal_selection import select_proposals, top_k_proposals_per_level
 
 __all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
@@ -57,6 +58,8 @@ class FPNRPN(RPN):
         score_thresh: float = 0.0,
         cls_loss_normalizer: str = "batch_size",
         loc_loss_normalizer: str = "batch_size",
+        objectness_target: str = "class",
+        centerness_iou_thresholds: Tuple[float, float] = (0.1, 0.3),
         **kwargs,
     ):
         """
@@ -68,6 +71,12 @@ class FPNRPN(RPN):
                 below it are dropped before NMS at inference.
             cls_loss_normalizer, loc_loss_normalizer (str): divisor of the summed
                 objectness / box losses, one of :data:`LOSS_NORMALIZERS`.
+            objectness_target (str): what the objectness logit learns: "class" (object vs
+                background, binary cross-entropy: Detectron2) or "centerness" (OLN's
+                localization quality: :mod:`.localization_quality`).
+            centerness_iou_thresholds (float, float): with "centerness", anchors below the
+                first IoU are negatives, from the second positives; ``batch_size_per_image``
+                of them are sampled per image, positives first.
             box_reg_loss_type (str): "smooth_l1" (with ``smooth_l1_beta``), "l1", or a loss of the
                 decoded boxes: "iou" (1 - IoU) or "giou".
             Others: see :class:`RPN`.
@@ -81,6 +90,11 @@ class FPNRPN(RPN):
                 raise ConfigError(
                     f"MODEL.FPN_RPN.{key}_LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, got {value!r}"
                 )
+        if objectness_target not in OBJECTNESS_TARGETS:
+            raise ConfigError(f"objectness_target must be one of {OBJECTNESS_TARGETS}, got {objectness_target!r}")
+        low, high = centerness_iou_thresholds
+        if not 0.0 < low <= high <= 1.0:
+            raise ConfigError(f"centerness_iou_thresholds must satisfy 0 < low <= high <= 1, got {centerness_iou_thresholds}")
         box_reg_loss_type = kwargs.get("box_reg_loss_type", "smooth_l1")
         if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
             raise ConfigError(
@@ -94,6 +108,8 @@ class FPNRPN(RPN):
         self.score_thresh = score_thresh
         self.cls_loss_normalizer = cls_loss_normalizer
         self.loc_loss_normalizer = loc_loss_normalizer
+        self.objectness_target = objectness_target
+        self.centerness_iou_thresholds = tuple(centerness_iou_thresholds)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -104,6 +120,9 @@ class FPNRPN(RPN):
             score_thresh=cfg.MODEL.FPN_RPN.SCORE_THRESH_TEST,
             cls_loss_normalizer=cfg.MODEL.FPN_RPN.CLS_LOSS_NORMALIZER,
             loc_loss_normalizer=cfg.MODEL.FPN_RPN.LOC_LOSS_NORMALIZER,
+            # the head predicts one logit per anchor in both "sigmoid" and "centerness" modes
+            objectness_target="centerness" if cfg.MODEL.FPN_RPN.OBJECTNESS == "centerness" else "class",
+            centerness_iou_thresholds=tuple(cfg.MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS),
         )
         return ret
 
@@ -171,24 +190,41 @@ class FPNRPN(RPN):
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = gt_labels == 1
-        valid_mask = gt_labels >= 0
         storage = get_event_storage()
         storage.put_scalar("rpn/num_pos_anchors", pos_mask.sum().item() / num_images)
         storage.put_scalar("rpn/num_neg_anchors", (gt_labels == 0).sum().item() / num_images)
 
-        localization_loss = self._box_regression_loss(
-            Boxes.cat(anchors).tensor, pred_anchor_deltas, gt_boxes, pos_mask
-        )
-        objectness_loss = F.binary_cross_entropy_with_logits(
-            cat(pred_objectness_logits, dim=1)[valid_mask],
-            gt_labels[valid_mask].to(torch.float32),
-            reduction="sum",
+        anchor_boxes = Boxes.cat(anchors).tensor
+        localization_loss = self._box_regression_loss(anchor_boxes, pred_anchor_deltas, gt_boxes, pos_mask)
+        objectness_loss, objectness_labels = self._objectness_loss(
+            cat(pred_objectness_logits, dim=1), gt_labels, anchor_boxes, gt_boxes
         )
         losses = {
-            "loss_rpn_cls": objectness_loss / self._normalizer(self.cls_loss_normalizer, gt_labels, anchors),
+            "loss_rpn_cls": objectness_loss / self._normalizer(self.cls_loss_normalizer, objectness_labels, anchors),
             "loss_rpn_loc": localization_loss / self._normalizer(self.loc_loss_normalizer, gt_labels, anchors),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def _objectness_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, matched_gt_boxes
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        The summed objectness loss, and the labels (N, R) of the anchors it covers (for
+        its normaliser).
+
+        Args:
+            logits: (N, R); labels: (N, R) of the box matching, in {-1, 0, 1};
+            boxes: (R, 4) anchors, or (N, R, 4) boxes per image (Cascade RPN's stage 2);
+            matched_gt_boxes: N tensors (R, 4), each box's best-IoU ground truth.
+        """
+        if self.objectness_target == "centerness":
+            labels, targets = centerness_labels(
+                boxes, matched_gt_boxes, self.centerness_iou_thresholds, self.batch_size_per_image
+            )
+            return centerness_loss(logits, labels, targets), labels
+        valid = labels >= 0
+        loss = F.binary_cross_entropy_with_logits(logits[valid], labels[valid].to(torch.float32), reduction="sum")
+        return loss, labels
 
     def predict_proposals(
         self,

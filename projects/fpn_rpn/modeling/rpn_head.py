@@ -11,7 +11,7 @@ from ..errors import ConfigError
 
 __all__ = ["FPNRPNHead", "OBJECTNESS_MODES"]
 
-OBJECTNESS_MODES = ("sigmoid", "softmax")
+OBJECTNESS_MODES = ("sigmoid", "softmax", "centerness")
 
 # The sparse backward is used while at most this fraction of the locations get a gradient.
 _SPARSE_MAX_FRACTION = 1 / 8
@@ -149,8 +149,9 @@ class FPNRPNHead(StandardRPNHead):
                  sparse_backward: bool = True):
         """
         Args:
-            objectness (str): "sigmoid" (one logit per anchor) or "softmax" (two scores
-                per anchor).
+            objectness (str): "sigmoid" (one logit per anchor), "softmax" (two scores
+                per anchor) or "centerness" (one logit per anchor, whose sigmoid the proposal
+                generator trains to predict localization quality: :mod:`.localization_quality`).
             sparse_backward (bool): on CPU, compute the head's gradients only at the
                 locations the losses reach. Others: see :class:`StandardRPNHead`.
         """
