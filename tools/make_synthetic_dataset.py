@@ -27,7 +27,7 @@ def main():
     parser.add_argument(
         "--root",
         default=str(synthetic_root()),
-        help="output folder (default: the one register_datasets uses, from $FPN_RPN_DATASETS)",
+        help="output folder (default: the one register_datasets uses, $DETECTRON2_DATASETS/fpn_rpn_synthetic)",
     )
     parser.add_argument("--seed", type=non_negative_int, default=synthetic_data.DEFAULT_SEED,
                         help="seed of every image's random generator; the same seed gives the same files (default: %(default)s)")

@@ -26,6 +26,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_datas
 
 from ..errors import ConfigError, DataError, ProcessDiedError, first_line
 from .categories import NAMED_SETS, category_ids, dataset_category_names, describe, keep_categories
+from .datasets import missing_dataset_hint
 
 __all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts",
            "unregistered_dataset_error"]
@@ -34,6 +35,9 @@ __all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "trai
 def unregistered_dataset_error(where: str, name: str) -> DataError:
     """The one line for a dataset ``name`` that ``where`` (a config key, a tool option) names but
     that is not registered, with the closest registered name."""
+    missing = missing_dataset_hint(name)  # the project's name, its files not found
+    if missing:
+        return DataError(f"{where} names dataset '{name}', which is not registered: {missing}")
     close = difflib.get_close_matches(name, DatasetCatalog.list(), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return DataError(
@@ -59,8 +63,8 @@ def check_datasets(cfg, splits=("TRAIN", "TEST")) -> None:
             if json_file and json_file.startswith(os.path.join(root, "")) and not os.path.isfile(json_file):
                 raise DataError(
                     f"dataset '{name}' ({'DATASETS.' + split}): annotation file {json_file} does not exist; "
-                    f"Detectron2's built-in datasets are read from $DETECTRON2_DATASETS (now {root!r}): set it "
-                    "to the folder that holds coco/"
+                    + (missing_dataset_hint(name) or f"Detectron2's built-in datasets are read from "
+                       f"$DETECTRON2_DATASETS (now {root!r}): set it to the folder that holds coco/")
                 )
     if "TEST" in splits and cfg.TEST.RECALL_CATEGORY_GROUPS:
         for name in cfg.DATASETS.TEST:
