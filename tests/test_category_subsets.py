@@ -9,7 +9,7 @@ import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 
 from fpn_rpn import add_fpn_rpn_config, register_datasets, setup_cfg
-from fpn_rpn.data.build import train_dataset_dicts
+from fpn_rpn.data.build import category_dataset_dicts, train_dataset_dicts
 from fpn_rpn.data.categories import (
     COCO_THING_NAMES,
     NAMED_SETS,
@@ -170,6 +170,13 @@ def test_the_catalog_records_are_not_changed(tiny_dataset):
     DatasetCatalog.register(tiny_dataset, lambda: records)  # a loader that returns the same list each time
     train_dataset_dicts(_cfg([tiny_dataset], ["nonvoc"]))
     assert sum(len(r["annotations"]) for r in DatasetCatalog.get(tiny_dataset)) == len(TINY)
+
+
+def test_lazyconfig_function_gives_the_same_records(tiny_dataset):
+    """category_dataset_dicts, which LazyConfigs call, is what DATASETS.TRAIN_CATEGORIES applies."""
+    assert category_dataset_dicts(tiny_dataset, "voc") == train_dataset_dicts(_cfg([tiny_dataset], ["voc"]))
+    with pytest.raises(ConfigError, match=r"^categories = 'cat' keeps none of the categories of names \('tiny_train',\)$"):
+        category_dataset_dicts(tiny_dataset, "cat")
 
 
 def test_categories_the_dataset_lacks_are_an_error(tiny_dataset):

@@ -110,6 +110,11 @@ def test_same_data_and_schedule(lazy_name):
     train, test = lazy.dataloader.train, lazy.dataloader.test
     for names, yaml_names in ((train.dataset.names, cfg.DATASETS.TRAIN), (test.dataset.names, cfg.DATASETS.TEST)):
         assert ([names] if isinstance(names, str) else _plain(names)) == list(yaml_names)
+    from fpn_rpn.data.build import category_dataset_dicts
+
+    assert train.dataset._target_ is category_dataset_dicts
+    assert _plain([train.dataset.categories]) == list(cfg.DATASETS.TRAIN_CATEGORIES)
+    assert train.dataset.filter_empty == cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     assert train.mapper.image_format == test.mapper.image_format == cfg.INPUT.FORMAT
     (resize, flip), (test_resize,) = train.mapper.augmentations, test.mapper.augmentations
     assert _plain(resize.short_edge_length) == list(cfg.INPUT.MIN_SIZE_TRAIN) and resize.sample_style == "choice"

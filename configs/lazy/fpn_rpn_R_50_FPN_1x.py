@@ -14,10 +14,16 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 
 from fpn_rpn import FPNRPN, FPNAnchorGenerator, FPNRPNHead, ProposalRecallEvaluator
+from fpn_rpn.data.build import category_dataset_dicts
 from fpn_rpn.lazy_config import get_common_config
 
 dataloader = get_common_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False  # boxes only: MODEL.MASK_ON False
+# DATASETS.TRAIN_CATEGORIES: categories="voc" trains on COCO's VOC categories only (the others'
+# boxes become background), for novel-class recall (docs/novel_class_recall.md)
+dataloader.train.dataset = L(category_dataset_dicts)(
+    names=dataloader.train.dataset.names, filter_empty=True, categories="all"
+)
 dataloader.evaluator = L(ProposalRecallEvaluator)(dataset_name="${..test.dataset.names}")
 # [[name, json_file, image_root], ...] registered by tools/lazyconfig_train_net.py, as DATASETS.REGISTER_COCO
 datasets = dict(register_coco=[])

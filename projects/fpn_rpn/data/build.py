@@ -13,7 +13,8 @@ a bare assertion or KeyError, found before any work, or named in one DataError l
   process killed (torch's RuntimeError), as a :class:`ProcessDiedError`.
 
 :func:`train_dataset_dicts` builds the training records, with ``DATASETS.TRAIN_CATEGORIES``
-applied; the trainer hands them to ``build_detection_train_loader``.
+applied (:func:`category_dataset_dicts`, which LazyConfigs call); the trainer hands them to
+``build_detection_train_loader``.
 """
 import contextlib
 import difflib
@@ -28,7 +29,7 @@ from ..errors import ConfigError, DataError, ProcessDiedError, first_line
 from .categories import NAMED_SETS, category_ids, dataset_category_names, describe, keep_categories
 from .datasets import missing_dataset_hint
 
-__all__ = ["check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts",
+__all__ = ["category_dataset_dicts", "check_datasets", "dataset_assertions", "loader_worker_deaths", "train_dataset_dicts",
            "unregistered_dataset_error"]
 
 
@@ -113,38 +114,55 @@ def loader_worker_deaths():
 
 def train_dataset_dicts(cfg) -> List[dict]:
     """
-    The training records of ``cfg``: Detectron2's ``get_detection_dataset_dicts`` with the
-    arguments ``build_detection_train_loader`` gives it when it has no ``dataset``, then,
-    unless ``DATASETS.TRAIN_CATEGORIES`` is every COCO category, only the annotations of
-    those categories (:func:`fpn_rpn.data.categories.keep_categories`): the other objects
-    become background, as in OLN.
-
-    The subset changes boxes, never images: ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` has
-    already left out the images without (non-crowd) annotations in their file, and an
-    image whose boxes are all of other categories stays, without boxes (every anchor
-    negative). The test sets are not touched.
-
-    Raises:
-        ConfigError: the subset is not every category and a training dataset does not
-            number its categories as COCO does, or none of them is in the subset.
+    The training records of ``cfg``: :func:`category_dataset_dicts` of ``DATASETS.TRAIN`` and
+    ``DATASETS.TRAIN_CATEGORIES``, with the arguments ``build_detection_train_loader`` gives
+    Detectron2's ``get_detection_dataset_dicts`` when it has no ``dataset``.
     """
-    dicts = get_detection_dataset_dicts(
+    return category_dataset_dicts(
         cfg.DATASETS.TRAIN,
+        cfg.DATASETS.TRAIN_CATEGORIES,
+        key="DATASETS.TRAIN_CATEGORIES",
+        names_key="DATASETS.TRAIN",
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
-    key = "DATASETS.TRAIN_CATEGORIES"
-    ids = category_ids(cfg.DATASETS.TRAIN_CATEGORIES, key)
+
+
+def category_dataset_dicts(names, categories="all", *, key: str = "categories", names_key: str = "names",
+                           **kwargs) -> List[dict]:
+    """
+    Detectron2's ``get_detection_dataset_dicts(names, **kwargs)``, then, unless
+    ``categories`` is every COCO category, only the annotations of those categories
+    (:func:`fpn_rpn.data.categories.keep_categories`): the other objects become background,
+    as in OLN. In a LazyConfig:
+    ``dataloader.train.dataset = L(category_dataset_dicts)(names=..., categories="voc")``.
+
+    The subset changes boxes, never images: ``filter_empty`` has already left out the
+    images without (non-crowd) annotations in their file, and an image whose boxes are all
+    of other categories stays, without boxes (every anchor negative).
+
+    Args:
+        names (str or list[str]): registered datasets.
+        categories: a category spec (:mod:`fpn_rpn.data.categories`), e.g. "voc".
+        key, names_key (str): what the errors call ``categories`` and ``names`` (config keys
+            or argument names).
+
+    Raises:
+        ConfigError: the subset is not every category and a dataset does not number its
+            categories as COCO does, or none of them is in the subset.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    dicts = get_detection_dataset_dicts(names, **kwargs)
+    ids = category_ids(categories, key)
     if ids == NAMED_SETS["all"]:
         return dicts
     contiguous = set()
-    for name in cfg.DATASETS.TRAIN:
+    for name in names:
         _, id_map = dataset_category_names(name, key)  # loaded above, so its metadata is set
         contiguous |= {id_map[i] for i in ids if i in id_map}
     if not contiguous:
-        raise ConfigError(f"{key} = {cfg.DATASETS.TRAIN_CATEGORIES!r} keeps none of the categories of "
-                          f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
+        raise ConfigError(f"{key} = {categories!r} keeps none of the categories of {names_key} {tuple(names)}")
     kept = keep_categories(dicts, contiguous)
     before, after = (sum(len(r.get("annotations", ())) for r in records) for records in (dicts, kept))
     no_boxes = sum(not r.get("annotations") for r in kept)
