@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..evaluation.duplicates import duplicates_per_image
+from ..modeling.proposal_generator import NMS_MODES
 from ..evaluation.proposal_recall import gt_from_coco, metric_name
 from .paired_recall import paired_difference, per_image_counts, pooled_ar
 from .proposal_sources import anchor_proposals, cache_key, cached, run_models_cached, selective_search
@@ -21,7 +22,6 @@ from .recall_comparison import load_coco_ground_truth
 
 __all__ = ["Variant", "variant_grid", "run_checkpoint", "run_baselines", "study_rows", "paired_rows", "paired_cells"]
 
-MODES = ("cross_level", "per_level")
 AREA_BUDGETS = (100, 1000)
 
 
@@ -38,14 +38,20 @@ class Variant:
 
     @property
     def name(self) -> str:
+        """The variant's row name in the study's tables and CSV files."""
         return f"{self.mode} NMS {self.nms_thresh:g} top-K {self.pre_nms_topk}"
+
+    @classmethod
+    def of_config(cls, cfg) -> "Variant":
+        """The post-processing ``cfg`` itself sets: its NMS mode, NMS IoU and top-K at test."""
+        return cls(cfg.MODEL.FPN_RPN.NMS_MODE, cfg.MODEL.RPN.NMS_THRESH, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST)
 
 
 def variant_grid(nms_threshs: Sequence[float], pre_nms_topks: Sequence[int], nms_thresh: float,
                  pre_nms_topk: int) -> List[Variant]:
     """Both modes at every NMS IoU (at ``pre_nms_topk``) and every top-K (at ``nms_thresh``)."""
-    grid = [Variant(m, t, pre_nms_topk) for m, t in itertools.product(MODES, nms_threshs)]
-    grid += [Variant(m, nms_thresh, k) for m, k in itertools.product(MODES, pre_nms_topks)]
+    grid = [Variant(m, t, pre_nms_topk) for m, t in itertools.product(NMS_MODES, nms_threshs)]
+    grid += [Variant(m, nms_thresh, k) for m, k in itertools.product(NMS_MODES, pre_nms_topks)]
     return list(dict.fromkeys(grid))
 
 
