@@ -66,6 +66,7 @@ from fpn_rpn.errors import (
 )
 from fpn_rpn.evaluation.duplicates import duplicates_per_image
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
+from fpn_rpn.evaluation.recall_evaluator import load_coco_ground_truth
 from fpn_rpn.analysis.proposal_sources import (
     SourceProposals,
     anchor_proposals,
@@ -84,7 +85,6 @@ from fpn_rpn.analysis.recall_comparison import (
     budget_grid,
     comparison_rows,
     format_comparison_table,
-    load_coco_ground_truth,
     recall_vs_iou,
     write_csv,
 )

@@ -23,7 +23,7 @@ from .modeling.rpn_head import FPNRPNHead  # noqa: E402
 from .modeling.proposal_generator import FPNRPN  # noqa: E402
 from .modeling.cascade_rpn_head import CascadeRPNHead  # noqa: E402
 from .modeling.cascade_rpn import CascadeRPN  # noqa: E402
-from .modeling.backbone import EfficientNetLite  # noqa: E402  (also registers its builders)
+from .modeling.backbone.efficientnet_lite import EfficientNetLite  # noqa: E402  (also registers its builders)
 from .data.datasets import register_coco_json, register_datasets  # noqa: E402
 from .data.synthetic_data import generate_synthetic_dataset  # noqa: E402
 from .evaluation.recall_evaluator import ProposalRecallEvaluator  # noqa: E402

@@ -16,9 +16,9 @@ import numpy as np
 from ..evaluation.duplicates import duplicates_per_image
 from ..modeling.proposal_generator import NMS_MODES
 from ..evaluation.proposal_recall import gt_from_coco, metric_name
+from ..evaluation.recall_evaluator import load_coco_ground_truth
 from .paired_recall import paired_difference, per_image_counts, pooled_ar
 from .proposal_sources import anchor_proposals, cache_key, cached, run_models_cached, selective_search
-from .recall_comparison import load_coco_ground_truth
 
 __all__ = ["Variant", "variant_grid", "run_checkpoint", "run_baselines", "study_rows", "paired_rows", "paired_cells"]
 

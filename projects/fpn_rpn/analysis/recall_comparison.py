@@ -19,7 +19,6 @@ from ..evaluation.proposal_recall import (
     results_key,
 )
 from .proposal_sources import SourceProposals
-from ..evaluation.recall_evaluator import load_coco_ground_truth
 
 __all__ = [
     "DEFINITION_NAMES",
@@ -27,7 +26,6 @@ __all__ = [
     "budget_grid",
     "comparison_rows",
     "format_comparison_table",
-    "load_coco_ground_truth",
     "recall_vs_iou",
     "write_csv",
 ]
