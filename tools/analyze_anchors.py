@@ -34,7 +34,7 @@ from fpn_rpn.analysis.anchor_analysis import (
 )
 from fpn_rpn.analysis.plots import plot_anchor_coverage
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
-from fpn_rpn.errors import ArgumentParser, positive_int, run_cli
+from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli
 
 
 def parse_args(argv=None):
@@ -62,9 +62,9 @@ def coverage_table(matches) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    prepare_output_dir(args.output_dir, "--output-dir")  # a file, or not writable: one line, before any work
     cfg = setup_cfg(args.config, args.opts)
     dataset_dicts = get_dataset_dicts(args.dataset, args.max_images, [cfg])
-    os.makedirs(args.output_dir, exist_ok=True)
 
     matches = match_gts_to_anchors(cfg, dataset_dicts, progress=True)
     where = f"{args.dataset}, {len(dataset_dicts)} images, {len(matches.best_iou)} non-crowd gts"

@@ -61,6 +61,7 @@ from fpn_rpn.errors import (
     ConfigError,
     non_negative_int,
     positive_int,
+    prepare_output_dir,
     run_cli,
     unit_interval,
 )
@@ -247,7 +248,7 @@ def load_sources(args, parsed, dataset_dicts):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args.output_dir, "--output-dir")  # a file, or not writable: one line, before any work
     parsed = parse_sources(args)
     cfgs = [cfg for _, _, cfg, _ in parsed if cfg is not None]
     dataset_dicts = get_dataset_dicts(args.dataset, args.max_images, cfgs)

@@ -28,7 +28,7 @@ import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_model
 from fpn_rpn import setup_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
-from fpn_rpn.errors import ArgumentParser, run_cli
+from fpn_rpn.errors import ArgumentParser, prepare_output_dir, run_cli
 from fpn_rpn.export import EXPORT_FORMATS, EXPORT_METHODS, export_model, proposals_of, run_exported, sample_image
 
 COCO_MINI_VAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coco_mini", "val2017")
@@ -72,6 +72,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prepare_output_dir(args.output, "--output")  # a file, or not writable: one line, before any work
     cfg = setup_cfg(args.config_file, args.opts)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:

@@ -18,7 +18,10 @@ As with tools/train_net.py, a fault stops the run with one line on stderr and ex
 an override of a key the config lacks (with the closest existing key; ``+key=value`` adds
 one), ``--eval-only`` without ``train.init_checkpoint``, and a checkpoint that cannot be used
 (fpn_rpn.engine.checkpoint: a start that supplies under half of the backbone needs
-``train.allow_partial_backbone_weights=True``). Ctrl-C stops with the iteration to resume from.
+``train.allow_partial_backbone_weights=True``), a ``train.output_dir`` that is a file or cannot be
+written, a ``train.device`` this machine lacks, and faults of the machine (a full disk, a
+``--dist-url`` port in use). Logged tracebacks go to the log file only. Ctrl-C stops with the
+iteration to resume from.
 """
 import functools
 import logging
@@ -38,9 +41,10 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from fpn_rpn import add_fpn_rpn_config, register_datasets
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
+from fpn_rpn.engine.config_checks import check_device
 from fpn_rpn.engine.lazy_overrides import apply_overrides
 from fpn_rpn.engine.launch import create_ddp_model, launch
-from fpn_rpn.errors import Interrupted, run_cli
+from fpn_rpn.errors import Interrupted, os_faults, prepare_output_dir, run_cli, tracebacks_to_log_only
 
 logger = logging.getLogger("fpn_rpn")
 
@@ -113,19 +117,29 @@ def do_train(cfg, resume: bool):
 
 
 def main(args):
+    cfg = _checked_config(args)
+    with os_faults(cfg.train.output_dir):
+        default_setup(cfg, args)
+        tracebacks_to_log_only()  # Detectron2's "Exception during training:" traceback in log.txt only
+        register(cfg)
+        if not args.eval_only:
+            return do_train(cfg, args.resume)
+        model = instantiate(cfg.model).to(cfg.train.device)
+        # every parameter from the file: an empty train.init_checkpoint would evaluate a random model
+        checkpointer(cfg, model, require_all=True).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        return do_test(cfg, create_ddp_model(model))
+
+
+def _checked_config(args):
+    """The config, with its output folder created and writable and its device present."""
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    register(cfg)
-    if not args.eval_only:
-        return do_train(cfg, args.resume)
-    model = instantiate(cfg.model).to(cfg.train.device)
-    # every parameter from the file: an empty train.init_checkpoint would evaluate a random model
-    checkpointer(cfg, model, require_all=True).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    return do_test(cfg, create_ddp_model(model))
+    prepare_output_dir(cfg.train.output_dir, "train.output_dir")
+    check_device(cfg.train.device, "train.device")
+    return cfg
 
 
 def _load_and_launch(args):
-    load_config(args.config_file, args.opts)  # a config that cannot load stops here, before any process starts
+    _checked_config(args)  # a config that cannot load or run stops here, before any process starts
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                   dist_url=args.dist_url, args=(args,))
 

@@ -37,7 +37,7 @@ from fpn_rpn.analysis.paired_recall import pooled_ar
 from fpn_rpn.analysis.plots import plot_ar_vs_proposals
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
 from fpn_rpn.analysis.recall_comparison import format_comparison_table, write_csv
-from fpn_rpn.errors import ArgumentParser, positive_int, run_cli, unit_interval
+from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli, unit_interval
 from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def study_dataset(args, dataset, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args.output_dir, "--output-dir")  # a file, or not writable: one line
     out = [f"# NMS study: {args.config}, checkpoints {', '.join(l for l, _ in args.checkpoints)}"]
     csv_rows = []
     for dataset in args.datasets:

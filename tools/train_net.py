@@ -9,10 +9,11 @@ Evaluation reports proposal recall (fpn_rpn.ProposalRecallEvaluator) and writes 
 proposals as box_proposals.pkl (Detectron2's PROPOSAL_FILES format) in
 OUTPUT_DIR/inference/<dataset>/. Without CUDA, ``--num-gpus N`` runs N CPU processes.
 
-Bad data, configs and checkpoints, and diverged training, stop the run with one line
-on stderr naming the file, record or key and the fault, and exit status 1; the
-traceback goes to OUTPUT_DIR/log.txt. Ctrl-C stops with "interrupted at iteration N;
-continue with --resume" and exit status 130.
+Bad data, configs and checkpoints, diverged training, faults of the machine (a full disk,
+an OUTPUT_DIR that cannot be written, a --dist-url port in use) and a failed process of a
+multi-process run stop the run with one line on stderr naming the file, record, key or port
+and the fault, and exit status 1; the traceback goes to OUTPUT_DIR/log.txt only. Ctrl-C
+stops with "interrupted at iteration N; continue with --resume" and exit status 130.
 """
 import contextlib
 import functools
@@ -32,6 +33,7 @@ from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, Interrupted, error_line, run_cli  # noqa: F401  (re-exported for tests)
+from fpn_rpn.errors import os_faults, prepare_output_dir, tracebacks_to_log_only
 from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths, train_dataset_dicts
 from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch
@@ -80,12 +82,16 @@ class Trainer(DefaultTrainer):
 def setup(args):
     # a file that cannot be read ends with one line only: there is no OUTPUT_DIR for a log yet
     cfg = setup_cfg(args.config_file, args.opts, check=False)
-    with traceback_in_log(cfg.OUTPUT_DIR):
+    # nor when OUTPUT_DIR is a file or cannot be written
+    prepare_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    with traceback_in_log(cfg.OUTPUT_DIR), os_faults(cfg.OUTPUT_DIR):
         default_setup(cfg, args)  # log.txt, with the config and environment, before any check
         # fpn_rpn's messages (such as dataset repairs) on the console and in log.txt, like Detectron2's;
         # still passed on to the root logger's handlers, which setup_logger would cut off
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fpn_rpn")
         logging.getLogger("fpn_rpn").propagate = True
+        # logged tracebacks (Detectron2's "Exception during training:") in log.txt, not on the console
+        tracebacks_to_log_only()
         check_cfg(cfg)
         register_datasets(cfg)
         splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
@@ -103,15 +109,17 @@ def traceback_in_log(output_dir):
         yield
     except Exception:
         rank = comm.get_rank()
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "log.txt" + (f".rank{rank}" if rank else "")), "a") as f:
-            traceback.print_exc(file=f)
+        try:
+            with open(os.path.join(output_dir, "log.txt" + (f".rank{rank}" if rank else "")), "a") as f:
+                traceback.print_exc(file=f)
+        except OSError:  # a full disk: the fault being reported is likely this one
+            pass
         raise
 
 
 def main(args):
     cfg = setup(args)
-    with traceback_in_log(cfg.OUTPUT_DIR), loader_worker_deaths():
+    with traceback_in_log(cfg.OUTPUT_DIR), os_faults(cfg.OUTPUT_DIR), loader_worker_deaths():
         return _run(cfg, args)
 
 

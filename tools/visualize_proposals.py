@@ -30,7 +30,7 @@ from fpn_rpn.analysis.proposal_sources import (
     run_model,
     split_config_and_weights,
 )
-from fpn_rpn.errors import ArgumentParser, positive_int, run_cli
+from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli
 
 
 def _model_spec(text):
@@ -65,6 +65,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    prepare_output_dir(args.output_dir, "--output-dir")  # a file, or not writable: one line, before any work
     cfg = None
     if args.model:
         config_file, weights = args.model
@@ -77,7 +78,6 @@ def main(argv=None):
     else:
         proposals = load_proposal_file(args.proposals, dataset_dicts, args.dataset)
 
-    os.makedirs(args.output_dir, exist_ok=True)
     for record in tqdm(dataset_dicts, desc="drawing", unit="img"):
         image = read_image(record["file_name"], format="RGB")
         height, width = image.shape[:2]

@@ -1,16 +1,23 @@
 """The faults of a user's inputs or of a training run that fpn_rpn reports in one
 line, and how a command-line tool turns them into that line."""
 import argparse
+import contextlib
+import errno
+import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 __all__ = [
     "DataError",
     "CheckpointError",
     "ConfigError",
     "ProcessDiedError",
+    "PeerFailedError",
+    "OSFaultError",
     "Interrupted",
     "CLEAR_ERRORS",
     "ArgumentParser",
@@ -18,10 +25,15 @@ __all__ = [
     "examples",
     "first_line",
     "non_negative_int",
+    "os_faults",
+    "prepare_output_dir",
+    "quiet_logging_errors",
     "require",
     "positive_float",
     "positive_int",
     "run_cli",
+    "tracebacks_to_log_only",
+    "write_fault",
 ]
 
 
@@ -42,6 +54,15 @@ class ProcessDiedError(RuntimeError):
     without a Python exception: killed, or exited."""
 
 
+class PeerFailedError(RuntimeError):
+    """Another process of a multi-process run failed (its own line is in its output), so this one stops."""
+
+
+class OSFaultError(RuntimeError):
+    """A fault of the machine a run needs, in one line naming the path or port: no space left on the
+    device, a folder that is a file or cannot be written, a port in use."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with where the run stopped and how to continue it, for run_cli's line."""
 
@@ -53,7 +74,110 @@ def require(ok: bool, key: str, value, allowed: str) -> None:
 
 
 # diverged training is FloatingPointError; other exceptions are bugs and keep their traceback
-CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, ProcessDiedError, FloatingPointError)
+CLEAR_ERRORS = (DataError, CheckpointError, ConfigError, ProcessDiedError, PeerFailedError, OSFaultError,
+                FloatingPointError)
+
+# OSErrors that are faults of the machine (a full disk, permissions, a read-only or size-limited
+# file system), not bugs: one line naming the file
+SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _free_mb(path: str) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing folder), in MB."""
+    folder = os.path.abspath(path or ".")
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
+def write_fault(error: OSError, path: str = None, then: str = "") -> "OSFaultError":
+    """
+    The OSFaultError line of an OSError of the machine at ``path`` (default: the error's file name):
+    ``no space left on device writing <path> (<N> MB free)`` for a full disk or quota, otherwise
+    ``<path>: <strerror>``; ``then`` is appended (what is left, such as the last checkpoint).
+    """
+    path = path or error.filename or "?"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        line = f"{what} writing {path} ({_free_mb(path)})"
+    elif error.errno == errno.EFBIG:
+        line = f"file too large writing {path} (the file system's or the process's file size limit, ulimit -f)"
+    else:
+        line = f"{path}: {error.strerror or first_line(error)}"
+    return OSFaultError(line + then)
+
+
+@contextlib.contextmanager
+def os_faults(output_dir: str = None):
+    """Turn an OSError of :data:`SYSTEM_ERRNOS` into an :class:`OSFaultError` (a file written without
+    a name in the error, such as metrics.json, is named as a file in ``output_dir``)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in SYSTEM_ERRNOS:
+            raise
+        raise write_fault(e, e.filename or (output_dir and f"a file in {output_dir}")) from e
+
+
+def prepare_output_dir(path: str, option: str = "OUTPUT_DIR") -> str:
+    """
+    Create the output folder ``path`` of a tool (its option or key is ``option``) and check that a
+    file can be written there. The rule of every tool: raise :class:`OSFaultError` naming the option,
+    the folder and the reason when it is empty, is a file, is under a file, cannot be created or
+    cannot be written (permissions, a read-only file system, no space left).
+    """
+    if not path:
+        raise OSFaultError(f"{option} is empty: give the folder the results go to")
+    where = f"{option} {path}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OSFaultError(f"{where}: is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OSFaultError(f"{where}: is under {existing}, which is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSFaultError(f"{where}: cannot be created ({e.strerror or first_line(e)})") from e
+    try:  # permissions (os.access would not see a read-only file system or ACLs)
+        with tempfile.TemporaryFile(dir=path, prefix=".fpn_rpn_write_test"):
+            pass
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSFaultError(f"{where}: no space left on device ({_free_mb(path)})") from e
+        raise OSFaultError(f"{where}: cannot be written ({e.strerror or first_line(e)})") from e
+    return path
+
+
+def quiet_logging_errors() -> None:
+    """A log handler that cannot write (a full disk) drops the record silently instead of printing
+    ``--- Logging error ---`` and a traceback for every record; the fault itself surfaces at the
+    next checkpoint or file written, as one line."""
+    logging.raiseExceptions = False
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    return not record.exc_info
+
+
+def tracebacks_to_log_only() -> None:
+    """
+    The console handlers (stdout, stderr) of every logger drop records that carry a traceback,
+    such as Detectron2's ``logger.exception("Exception during training:")``: the traceback stays
+    in the log files (log.txt) and the terminal shows :func:`run_cli`'s one line.
+    """
+    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
+    loggers = [logging.getLogger()] + [
+        log for log in logging.Logger.manager.loggerDict.values() if isinstance(log, logging.Logger)]
+    for log in loggers:
+        for handler in log.handlers:
+            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                    and id(getattr(handler, "stream", None)) in consoles and _no_traceback not in handler.filters):
+                handler.addFilter(_no_traceback)
 
 
 def error_line(error: BaseException):
@@ -69,6 +193,8 @@ def error_line(error: BaseException):
         if not last or last[0].group(1) not in {cls.__name__ for cls in CLEAR_ERRORS}:
             return None
         text = text[last[0].end():]
+    elif isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS:
+        text = str(write_fault(error))
     elif not isinstance(error, CLEAR_ERRORS):
         return None
     return " ".join(text.split())
@@ -91,9 +217,11 @@ def run_cli(main, prog: str = None, args=()):
     """
     ``main(*args)`` of a command-line tool: a CLEAR_ERRORS fault ends it with one line on
     stderr, ``<prog>: error: <message>``, and exit status 1; other exceptions are bugs and
-    keep their traceback. Ctrl-C ends it with ``<prog>: interrupted`` (or the message of
-    :class:`Interrupted`) and exit status 130 (128 + SIGINT, as shells report it).
+    keep their traceback. An OSError of the machine (:data:`SYSTEM_ERRNOS`: a full disk,
+    permissions) is such a fault too, naming the file. Ctrl-C ends it with ``<prog>: interrupted``
+    (or the message of :class:`Interrupted`) and exit status 130 (128 + SIGINT, as shells report it).
     """
+    quiet_logging_errors()
     try:
         return main(*args)
     except KeyboardInterrupt as e:

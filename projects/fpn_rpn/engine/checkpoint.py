@@ -20,11 +20,17 @@ Otherwise partial loads stay allowed, as Detectron2 intends them: ImageNet weigh
 provide only the backbone, a detector's weights may lack a head. Backbones that load
 their ImageNet weights when built (EfficientNet-Lite) take no file (MODEL.WEIGHTS "").
 
+It also names the file, not a checkpoint format, when the file cannot be read at all
+(permissions) or is a folder.
+
 On saving, it refuses weights with NaN or infinite values (FloatingPointError), so
-that ``last_checkpoint`` keeps naming the last good checkpoint, and it replaces
-``last_checkpoint`` atomically, so that a process killed while writing it leaves the
-previous one.
+that ``last_checkpoint`` keeps naming the last good checkpoint. It writes each
+checkpoint and ``last_checkpoint`` to a temporary file that is then renamed, so that a
+process killed while writing, or a full disk, leaves the previous ones and no partial
+file; a full disk (or another fault of the machine) is an :class:`OSFaultError` naming
+the file, the free space and the last checkpoint.
 """
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -32,9 +38,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..data.proposal_files import PROPOSAL_KEYS
-from ..errors import CheckpointError, examples, first_line
+from ..errors import SYSTEM_ERRNOS, CheckpointError, OSFaultError, examples, first_line, write_fault
 
-__all__ = ["CheckpointError", "CheckedCheckpointer"]
+__all__ = ["CheckpointError", "CheckedCheckpointer", "OSFaultError"]
 
 # a start that supplies less of the backbone's parameter values than this is refused
 MIN_BACKBONE_FRACTION = 0.5
@@ -79,6 +85,8 @@ class CheckedCheckpointer(DetectionCheckpointer):
             if self.require_all:
                 raise CheckpointError(f"no checkpoint to load ({self.weights_key} is empty): the model would be random")
             return super().load(path, *args, **kwargs)
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path} is a folder, not a file (give {self.weights_key} a .pth or .pkl)")
         if not os.path.isfile(path):
             try:
                 local = self.path_manager.get_local_path(path)  # downloads URLs
@@ -98,6 +106,13 @@ class CheckedCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str):
         try:
             loaded = super()._load_file(filename)
+        except OSError as e:  # the file, not its content: permissions, an I/O error
+            if e.errno is None:
+                raise CheckpointError(
+                    f"{filename}: cannot be read as a checkpoint, it may be truncated or not a "
+                    f"PyTorch/Detectron2 checkpoint ({type(e).__name__}: {first_line(e)})"
+                ) from e
+            raise CheckpointError(f"{filename}: cannot be read ({e.strerror or first_line(e)})") from e
         except Exception as e:
             raise CheckpointError(
                 f"{filename}: cannot be read as a checkpoint, it may be truncated or not a "
@@ -160,12 +175,35 @@ class CheckedCheckpointer(DetectionCheckpointer):
                     f"training has diverged{at}: NaN or infinite values in {len(bad)} of the model's tensors "
                     f"({examples(sorted(bad))}); checkpoint {name} not saved, the last one is {last}"
                 )
-        super().save(name, **kwargs)
+        if not (self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir)):
+            return super().save(name, **kwargs)  # nothing to save, or not a local folder: no atomic rename
+        # as Checkpointer.save, through a temporary file
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._write(save_file, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not os.path.isdir(self.save_dir):  # not a local folder: no atomic rename
             return super().tag_last_checkpoint(last_filename_basename)
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        with open(save_file + ".tmp", "w") as f:
-            f.write(last_filename_basename)
-        os.replace(save_file + ".tmp", save_file)
+        self._write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+    def _write(self, path: str, write, mode: str) -> None:
+        """``write(file)`` into ``path`` + ".tmp", renamed to ``path`` once complete; on a fault of the
+        machine (a full disk) the temporary file is removed and the fault is an OSFaultError."""
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, mode) as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            if isinstance(e, OSError) and e.errno in SYSTEM_ERRNOS:
+                last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+                raise write_fault(e, path, f"; the last checkpoint is {last}") from e
+            raise

@@ -5,10 +5,14 @@ training) or blaming an innocent image."""
 import math
 from numbers import Integral, Real
 
-from ..data.categories import category_groups, category_ids
-from ..errors import require
+import torch
 
-__all__ = ["check_run_config"]
+from ..data.categories import category_groups, category_ids
+from ..errors import ConfigError, require
+
+__all__ = ["check_device", "check_run_config"]
+
+DEVICES = "'cpu', 'cuda' or 'cuda:N'"
 
 
 def _is_int(value) -> bool:
@@ -85,12 +89,31 @@ def _check_categories(cfg):
     category_groups(cfg.TEST.RECALL_CATEGORY_GROUPS, "TEST.RECALL_CATEGORY_GROUPS")
 
 
+def check_device(device, key: str = "MODEL.DEVICE") -> None:
+    """
+    Raise ConfigError naming ``key`` unless ``device`` is 'cpu', 'cuda' or 'cuda:N' with a device N
+    on this machine (torch would fail when the model is moved, after the datasets are loaded).
+    setup_cfg has already turned a CUDA device into 'cpu' on a machine without CUDA.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{key} = {device!r} is invalid: must be {DEVICES}") from None
+    require(parsed.type in ("cpu", "cuda"), key, device, f"must be {DEVICES}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        require(count > 0, key, device, "this machine has no CUDA device: use 'cpu'")
+        require(parsed.index is None or parsed.index < count, key, device,
+                f"this machine has {count} CUDA device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+
+
 def check_run_config(cfg, world_size: int = 1) -> None:
     """
-    Raise ConfigError naming the first INPUT, SOLVER, TEST, DATALOADER or DATASETS key with a value
-    no run can use. ``world_size``: the number of processes, which must divide
+    Raise ConfigError naming the first MODEL.DEVICE, INPUT, SOLVER, TEST, DATALOADER or DATASETS key
+    with a value no run can use. ``world_size``: the number of processes, which must divide
     ``SOLVER.IMS_PER_BATCH`` (Detectron2 would stop with a bare assertion).
     """
+    check_device(cfg.MODEL.DEVICE)
     _check_input(cfg)
     _check_pixel_statistics(cfg)
     _check_solver(cfg)
