@@ -26,13 +26,13 @@ from pycocotools.coco import COCO
 
 from fpn_rpn import setup_cfg
 from fpn_rpn.errors import DataError
+from fpn_rpn.data.proposal_files import load_proposal_file
 from fpn_rpn.evaluation.proposal_recall import evaluate_recall, gt_from_coco, metric_name
 from fpn_rpn.analysis.proposal_sources import (
     anchor_proposals,
     cache_key,
     cached,
     get_dataset_dicts,
-    load_proposal_file,
     run_model,
     selective_search,
 )

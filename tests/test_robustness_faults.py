@@ -27,7 +27,8 @@ from detectron2.modeling import build_model
 from conftest import REPO, cli, load_tool, needs_coco_mini
 from fpn_rpn import add_fpn_rpn_config, register_coco_json
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer, CheckpointError
-from fpn_rpn.data.coco_checks import DataError, check_proposal_file
+from fpn_rpn.data.coco_checks import DataError
+from fpn_rpn.data.proposal_files import check_proposal_file
 
 CONFIG = REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml"
 TRAIN_NET = REPO / "tools" / "train_net.py"

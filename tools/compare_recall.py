@@ -65,6 +65,7 @@ from fpn_rpn.errors import (
     run_cli,
     unit_interval,
 )
+from fpn_rpn.data.proposal_files import load_proposal_file
 from fpn_rpn.evaluation.duplicates import duplicates_per_image
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco
 from fpn_rpn.evaluation.recall_evaluator import load_coco_ground_truth
@@ -74,7 +75,6 @@ from fpn_rpn.analysis.proposal_sources import (
     cache_key,
     cached,
     get_dataset_dicts,
-    load_proposal_file,
     run_models_cached,
     selective_search,
     split_config_and_weights,

@@ -31,7 +31,8 @@ from detectron2.utils.logger import setup_logger
 from fpn_rpn import ProposalRecallEvaluator, register_datasets, setup_cfg
 from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
-from fpn_rpn.data.coco_checks import CheckedDatasetMapper, check_proposal_files
+from fpn_rpn.data.coco_checks import CheckedDatasetMapper
+from fpn_rpn.data.proposal_files import check_proposal_files
 from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, Interrupted, error_line, run_cli  # noqa: F401  (re-exported for tests)
 from fpn_rpn.errors import os_faults, prepare_output_dir, tracebacks_to_log_only
 from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths, train_dataset_dicts

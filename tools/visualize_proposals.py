@@ -24,9 +24,9 @@ from detectron2.data.detection_utils import read_image
 from fpn_rpn import setup_cfg
 from fpn_rpn.analysis.anchor_analysis import anchor_params, gt_boxes, input_size_at_test
 from fpn_rpn.analysis.proposal_drawing import anchor_size_levels, draw_proposals, fpn_levels
+from fpn_rpn.data.proposal_files import load_proposal_file
 from fpn_rpn.analysis.proposal_sources import (
     get_dataset_dicts,
-    load_proposal_file,
     run_model,
     split_config_and_weights,
 )

@@ -5,7 +5,8 @@ original image coordinates and scores (N,) float32, higher first (any order; the
 functions sort), the form :func:`fpn_rpn.evaluation.proposal_recall.evaluate_recall` takes.
 
 - :func:`run_model`: a trained model (config + weights) over the images.
-- :func:`load_proposal_file`: a Detectron2 proposal file (``box_proposals.pkl``).
+- a Detectron2 proposal file (``box_proposals.pkl``):
+  :func:`fpn_rpn.data.proposal_files.load_proposal_file`.
 - :func:`selective_search`: OpenCV's Selective Search, fast mode (opencv-contrib-python).
 - :func:`anchor_proposals`: the anchors of a config, without regression, as proposals.
 
@@ -40,7 +41,6 @@ from .postprocessing_variants import network_key, run_postprocessing_variants
 from ..config import add_fpn_rpn_config
 from ..data.build import unregistered_dataset_error
 from ..data.datasets import register_datasets
-from ..data.proposal_files import check_covers_images, read_proposal_file
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "cache_key",
     "cached",
     "get_dataset_dicts",
-    "load_proposal_file",
     "run_model",
     "run_models_cached",
     "selective_search",
@@ -113,46 +112,6 @@ def split_config_and_weights(spec: str) -> Tuple[str, Optional[str]]:
     if not match:
         raise ValueError(f"expected CONFIG.yaml[:WEIGHTS], got {spec!r}")
     return match.group(1), match.group(2)
-
-
-def _image_ids(dataset_dicts_or_ids: Iterable) -> List[Any]:
-    return [d["image_id"] if isinstance(d, dict) else d for d in dataset_dicts_or_ids]
-
-
-def load_proposal_file(path: str, dataset_dicts_or_ids: Iterable, dataset_name: str = "") -> Dict[Any, ImageProposals]:
-    """
-    The proposals of a Detectron2 proposal file (see :mod:`fpn_rpn.data.proposal_files`)
-    for the given images.
-
-    Args:
-        path: the ``.pkl`` file.
-        dataset_dicts_or_ids: the dataset's records (with "image_id") or image ids.
-        dataset_name: named in messages.
-
-    Returns:
-        image_id (as in the dataset) -> {"boxes": (N, 4) float32 XYXY_ABS, "scores": (N,)
-        float32}, every box of the file kept.
-
-    Raises:
-        DataError: the file cannot be read as a proposal file, or images of the dataset
-            have no entry in it.
-    """
-    data = read_proposal_file(path)
-    image_ids = _image_ids(dataset_dicts_or_ids)
-    check_covers_images(path, data, image_ids, dataset_name)
-    bbox_mode = BoxMode(data.get("bbox_mode", BoxMode.XYXY_ABS))
-    index = {str(i): n for n, i in enumerate(data["ids"])}
-    proposals = {}
-    for img_id in image_ids:
-        n = index[str(img_id)]
-        b = np.asarray(data["boxes"][n], dtype=np.float32).reshape(-1, 4)
-        s = np.asarray(data["objectness_logits"][n], dtype=np.float32).reshape(-1)
-        if len(b) != len(s):
-            raise DataError(f"{path}: image {img_id!r} has {len(b)} boxes but {len(s)} objectness_logits")
-        if bbox_mode != BoxMode.XYXY_ABS:
-            b = BoxMode.convert(b, bbox_mode, BoxMode.XYXY_ABS).astype(np.float32)
-        proposals[img_id] = {"boxes": b, "scores": s}
-    return proposals
 
 
 def run_model(

@@ -35,22 +35,19 @@ import os
 from numbers import Real
 from typing import Any, Dict, List, Optional
 
-from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import DatasetMapper
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.detection_utils import SizeMismatchError
 from PIL import ExifTags, Image
 
-from ..errors import ConfigError, DataError, examples, first_line
-from .proposal_files import check_covers_images, read_proposal_file
+from ..errors import DataError, examples, first_line
 
 __all__ = [
     "DataError",
-    "check_proposal_files",
     "read_coco_json",
     "check_coco_json",
     "load_checked_coco_json",
     "CheckedDatasetMapper",
-    "check_proposal_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -265,28 +262,3 @@ def _exif_rotation_hint(dataset_dict, error) -> str:
             "record has the size of the unrotated pixels: give the record the rotated width and height (and "
             "boxes on the rotated image), or remove the EXIF orientation from the file")
 
-
-def check_proposal_file(proposal_file, dataset_name: str) -> None:
-    """
-    Raise DataError unless ``proposal_file`` (Detectron2's precomputed-proposal
-    format, as ``DATASETS.PROPOSAL_FILES_*`` take) has proposals for every image of
-    the registered dataset ``dataset_name``; Detectron2 would stop with a bare
-    KeyError at the first image without.
-    """
-    data = read_proposal_file(proposal_file)
-    image_ids = [record["image_id"] for record in DatasetCatalog.get(dataset_name)]
-    check_covers_images(proposal_file, data, image_ids, dataset_name)
-
-
-def check_proposal_files(cfg, splits=("TRAIN", "TEST")):
-    """
-    DataError unless each dataset of ``DATASETS.<split>`` has a proposal file that covers
-    all its images (Detectron2: a KeyError). Evaluating alone needs only ``("TEST",)``.
-    """
-    for split in splits:
-        names, files = cfg.DATASETS.get(split), cfg.DATASETS.get(f"PROPOSAL_FILES_{split}")
-        if len(names) != len(files):
-            raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} files for the "
-                              f"{len(names)} datasets of DATASETS.{split}: give one per dataset")
-        for name, proposal_file in zip(names, files):
-            check_proposal_file(proposal_file, name)

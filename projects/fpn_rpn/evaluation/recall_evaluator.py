@@ -5,7 +5,6 @@ import io
 import itertools
 import logging
 import os
-import pickle
 from typing import Sequence
 
 import numpy as np
@@ -13,13 +12,13 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import convert_to_coco_dict, convert_to_coco_json
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from pycocotools.coco import COCO
 
 from ..data.categories import category_groups as parse_category_groups
 from ..data.categories import check_coco_categories
+from ..data.proposal_files import write_proposal_file
 from .duplicates import duplicates_per_image
 from .proposal_recall import DEFAULT_BUDGETS, check_budgets, evaluate_recall, format_recall_table, gt_from_coco
 
@@ -185,17 +184,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         return copy.deepcopy(results)
 
     def _write_proposals(self, predictions):
-        # the layout COCOEvaluator writes and load_proposals_into_dataset reads
-        proposal_data = {
-            "ids": [p["image_id"] for p in predictions],
-            "boxes": [p["boxes"] for p in predictions],
-            "objectness_logits": [p["objectness_logits"] for p in predictions],
-            "bbox_mode": BoxMode.XYXY_ABS.value,
-        }
-        PathManager.mkdirs(self._output_dir)
         path = os.path.join(self._output_dir, "box_proposals.pkl")
-        with PathManager.open(path, "wb") as f:
-            pickle.dump(proposal_data, f)
+        write_proposal_file(path, *([p[k] for p in predictions] for k in ("image_id", "boxes", "objectness_logits")))
         self._logger.info(f"Saved the proposals of {len(predictions)} images to {path}")
 
 
