@@ -4,6 +4,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # the real photographs the tests use where realism matters, next to the repository
@@ -16,6 +17,16 @@ needs_coco_mini = pytest.mark.skipif(
 def pytest_configure(config):
     # Raised inside Detectron2 v0.6 on torch 2.14 (its stock anchor generator), not by fpn_rpn.
     config.addinivalue_line("filterwarnings", "ignore:torch.meshgrid. in an upcoming release:UserWarning")
+
+
+@pytest.fixture(params=[
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def device(request) -> torch.device:
+    """Each test that takes it runs on CPU and on CUDA; the CUDA run (ids ``[cuda]``, selected
+    by ``pytest -k cuda``, as tools/gpu_check.py does) skips where no GPU is visible."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

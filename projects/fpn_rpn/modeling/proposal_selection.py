@@ -16,6 +16,30 @@ traced tensors, one NMS per group found with a mask; the selected proposals are 
 
 Equal scores are ordered by index (level, then anchor), as a stable sort leaves them,
 so the result does not depend on how a sort or NMS kernel breaks ties.
+
+Per-level mode computes Detectron2's NMS arithmetic, not only its rule. NMS keeps a box by
+comparing IoUs with the threshold, and the IoUs depend on the coordinates NMS is given:
+torchvision's ``batched_nms`` either runs one ``nms`` per group on the boxes as they are,
+or (fewer boxes: <= 1000 on CPU, <= 25000 on CUDA) shifts each group's boxes by group id x
+(largest coordinate + 1) and runs one ``nms``; shifted coordinates are rounded to float32,
+so a box whose IoU sits at the threshold can be kept by one and suppressed by the other.
+Detectron2's ``find_top_rpn_proposals`` calls ``batched_nms`` once per image with the
+level ids. So, by device:
+
+- on CUDA, per-level mode makes that same call, image by image: the same boxes (in the
+  same order, by the keys below), the same level ids, the same count of boxes (which picks
+  torchvision's path), and so the same shifted coordinates, IoUs and kept boxes. One
+  ``batched_nms`` over every image x level would shift by up to (N*L - 1) x (largest
+  coordinate of the batch + 1): about 12k px for two 800 x 1333 images where an image
+  alone spans about 5.3k, and the float32 roundings would differ;
+- on CPU, each (image, level) runs ``nms`` on the boxes as they are, side by side on
+  threads: what torchvision's CPU ``batched_nms`` computes for an image of more than 1000
+  boxes (one ``nms`` per level, no shift), which the shipped configs' images have (P2 alone
+  gives PRE_NMS_TOPK boxes). For an image of at most 1000 boxes Detectron2's call shifts
+  the levels, and a box at the threshold could go the other way (tested inputs do not
+  have one).
+
+Cross-level mode has no Detectron2 counterpart; there the groups are the images.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +235,27 @@ def _cpu_nms_by_group(boxes: torch.Tensor, keys: torch.Tensor, groups: torch.Ten
 
 
 @torch.jit.unused
+def _per_level_nms_image_by_image(boxes: torch.Tensor, image_ids: torch.Tensor, levels: torch.Tensor,
+                                  nms_thresh: float, num_images: int, post_nms_topk: int) -> List[torch.Tensor]:
+    """
+    Each image's kept indices (its first ``post_nms_topk``, ascending) from Detectron2's
+    ``batched_nms`` on the image's boxes with their level ids: the call
+    ``find_top_rpn_proposals`` makes, so the same NMS arithmetic. ``boxes`` are sorted by
+    image, then by priority.
+    """
+    boxes, keys = _nms_keys(boxes)
+    kept: List[torch.Tensor] = []
+    start = 0
+    for count in torch.bincount(image_ids, minlength=num_images).tolist():  # one host-device sync
+        end = start + count
+        # batched_nms returns by decreasing key, which is ascending index
+        keep_i = batched_nms(boxes[start:end], keys[start:end], levels[start:end], nms_thresh)
+        kept.append(start + keep_i[:post_nms_topk])
+        start = end
+    return kept
+
+
+@torch.jit.unused
 def rank_among(image_ids: torch.Tensor, num_images: int) -> torch.Tensor:
     """Position of each element among those of its image, for ``image_ids`` sorted ascending."""
     counts = torch.bincount(image_ids, minlength=num_images)
@@ -269,25 +314,30 @@ def select_proposals(
     if score_thresh > 0:
         # sigmoid(s) >= p  <=>  s >= logit(p), which spares a sigmoid over all scores
         keep &= scores >= math.log(score_thresh) - math.log1p(-score_thresh)
+    # Clipped before the non-finite boxes are dropped (clipping turns inf into the image's
+    # side: ``keep`` was taken before), so that one mask, one host-device sync, filters all
     image_hw = image_sizes_tensor(image_sizes, boxes.dtype, device)
-    boxes, scores = boxes[keep], scores[keep]
-    image_ids, levels = image_ids[keep], levels[keep]
     boxes = clip_boxes(boxes, image_hw[image_ids])
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    keep = (widths > min_box_size) & (heights > min_box_size)
+    keep &= (widths > min_box_size) & (heights > min_box_size)
     boxes, scores, image_ids, levels = boxes[keep], scores[keep], image_ids[keep], levels[keep]
 
     # Each image's boxes by descending score, equal scores in index order (level, rank)
     order = _stable_sort(scores, descending=True)[1]
     order = order[_stable_sort(image_ids[order])[1]]
     boxes, scores, image_ids, levels = boxes[order], scores[order], image_ids[order], levels[order]
+    exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
+    if per_level_nms and device.type != "cpu" and not exporting:
+        # Detectron2's own NMS call, image by image (see the module's docstring)
+        per_image = _per_level_nms_image_by_image(boxes, image_ids, levels, nms_thresh, num_images, post_nms_topk)
+        return _instances(image_sizes, [boxes[k] for k in per_image], [scores[k] for k in per_image])
     if per_level_nms:
         groups, num_groups = image_ids * num_levels + levels, num_images * num_levels
     else:
         groups, num_groups = image_ids, num_images
     keep = _nms_in_order(boxes, groups, nms_thresh, num_groups)
 
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if exporting:
         # each image's first post_nms_topk, by mask and slice (no host-side counts)
         per_image = [keep[image_ids[keep] == i][:post_nms_topk] for i in range(num_images)]
         boxes_per_image = [boxes[keep_i] for keep_i in per_image]
@@ -297,6 +347,11 @@ def select_proposals(
         counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
         boxes_per_image = list(boxes[keep].split(counts))
         scores_per_image = list(scores[keep].split(counts))
+    return _instances(image_sizes, boxes_per_image, scores_per_image)
+
+
+def _instances(image_sizes: List[Tuple[int, int]], boxes_per_image: List[torch.Tensor],
+               scores_per_image: List[torch.Tensor]) -> List[Instances]:
     results: List[Instances] = []
     for image_size, boxes_i, scores_i in zip(image_sizes, boxes_per_image, scores_per_image):
         res = Instances(image_size)
