@@ -1,5 +1,6 @@
 import fpn_rpn  # noqa: F401  # before detectron2
 
+import copy
 import math
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def _inputs(seed=0):
     """2 images of different sizes padded to 128 x 128, random P2-P6 features, ground truth."""
     return rpn_inputs(SHAPES, [(128, 96), (100, 120)],
                       [[[10, 20, 60, 90], [50, 60, 70, 90], [0, 0, 90, 120]], [[30, 30, 100, 80]]], seed)
+
+
+def _on(device, images, features, gt):
+    """_inputs() moved to ``device``."""
+    return images.to(device), {k: v.to(device) for k, v in features.items()}, [g.to(device) for g in gt]
 
 
 def _randomize_head(rpn, seed=1, std=0.1):
@@ -295,15 +301,17 @@ def stock_and_ours():
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_per_level_mode_equals_detectron2_rpn(stock_and_ours, training):
-    stock, ours = stock_and_ours
-    images, features, gt = _inputs()
+def test_per_level_mode_equals_detectron2_rpn(stock_and_ours, training, device):
+    stock, ours = (copy.deepcopy(rpn).to(device) for rpn in stock_and_ours)
+    images, features, gt = _on(device, *_inputs())
     outputs = []
     for rpn in (stock, ours):
         rpn.train(training)
         torch.manual_seed(0)  # sampling uses randperm
         with EventStorage():
-            outputs.append(rpn(images, features, gt if training else None))
+            proposals, losses = rpn(images, features, gt if training else None)
+        assert all(p.proposal_boxes.tensor.device.type == device.type for p in proposals)
+        outputs.append(([p.to("cpu") for p in proposals], {k: v.cpu() for k, v in losses.items()}))
     (stock_proposals, stock_losses), (our_proposals, our_losses) = outputs
     assert [len(p) for p in our_proposals] == [len(p) for p in stock_proposals]
     assert all(len(p) > 100 for p in our_proposals)
@@ -321,9 +329,9 @@ def test_per_level_mode_equals_detectron2_rpn(stock_and_ours, training):
         torch.testing.assert_close(our_losses[key], stock_losses[key], rtol=0, atol=0)
 
 
-def test_training_loss_backward_reaches_head(stock_and_ours):
-    _, ours = stock_and_ours
-    images, features, gt = _inputs(seed=4)
+def test_training_loss_backward_reaches_head(stock_and_ours, device):
+    ours = copy.deepcopy(stock_and_ours[1]).to(device)
+    images, features, gt = _on(device, *_inputs(seed=4))
     ours.train()
     ours.zero_grad()
     with EventStorage():

@@ -12,9 +12,9 @@ from fpn_rpn import FPNRPNHead, add_fpn_rpn_config
 C, A = 8, 3  # input channels, anchors per location
 
 
-def _features(seed=0):
+def _features(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, C, h, w, generator=g) for h, w in ((6, 5), (3, 3), (1, 2))]
+    return [torch.randn(2, C, h, w, generator=g).to(device) for h, w in ((6, 5), (3, 3), (1, 2))]
 
 
 def _randomize(module, seed=1):
@@ -27,9 +27,9 @@ def _randomize(module, seed=1):
 
 
 @pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
-def test_output_shapes(objectness):
-    head = FPNRPNHead(in_channels=C, num_anchors=A, objectness=objectness)
-    features = _features()
+def test_output_shapes(objectness, device):
+    head = FPNRPNHead(in_channels=C, num_anchors=A, objectness=objectness).to(device)
+    features = _features(device=device)
     logits, deltas = head(features)
     assert [tuple(x.shape) for x in logits] == [(2, A, 6, 5), (2, A, 3, 3), (2, A, 1, 2)]
     assert [tuple(x.shape) for x in deltas] == [(2, A * 4, 6, 5), (2, A * 4, 3, 3), (2, A * 4, 1, 2)]
@@ -49,19 +49,19 @@ def test_built_from_config(objectness, channels):
     assert head.anchor_deltas.out_channels == A * 4
 
 
-def test_standard_rpn_head_checkpoint_loads_in_sigmoid_mode():
-    stock = _randomize(StandardRPNHead(in_channels=C, num_anchors=A))
-    ours = FPNRPNHead(in_channels=C, num_anchors=A, objectness="sigmoid")
+def test_standard_rpn_head_checkpoint_loads_in_sigmoid_mode(device):
+    stock = _randomize(StandardRPNHead(in_channels=C, num_anchors=A)).to(device)
+    ours = FPNRPNHead(in_channels=C, num_anchors=A, objectness="sigmoid").to(device)
     ours.load_state_dict(stock.state_dict(), strict=True)
-    features = _features()
+    features = _features(device=device)
     for ours_out, stock_out in zip(ours(features), stock(features)):
         for x, y in zip(ours_out, stock_out):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_softmax_logit_is_object_minus_background():
-    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax"))
-    features = _features()
+def test_softmax_logit_is_object_minus_background(device):
+    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax")).to(device)
+    features = _features(device=device)
     logits, _ = head(features)
     conv, cls = head.conv, head.objectness_logits
     for x, logit in zip(features, logits):
@@ -73,19 +73,19 @@ def test_softmax_logit_is_object_minus_background():
         softmax = torch.stack((background, obj)).softmax(dim=0)
         torch.testing.assert_close(logit.sigmoid(), softmax[1])
         # so BCE on the logit is the two-class cross-entropy
-        labels = torch.randint(0, 2, logit.shape, generator=torch.Generator().manual_seed(2))
+        labels = torch.randint(0, 2, logit.shape, generator=torch.Generator().manual_seed(2)).to(device)
         bce = F.binary_cross_entropy_with_logits(logit, labels.float(), reduction="sum")
         ce = F.cross_entropy(torch.stack((background, obj), dim=1), labels, reduction="sum")
         torch.testing.assert_close(bce, ce)
 
 
-def test_softmax_gradients_reach_both_score_channels():
-    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax"))
-    logits, _ = head(_features())
+def test_softmax_gradients_reach_both_score_channels(device):
+    head = _randomize(FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax")).to(device)
+    logits, _ = head(_features(device=device))
     sum(x.sum() for x in logits).backward()
     grad = head.objectness_logits.bias.grad  # d(obj - bg)/d bias: -1 per background, +1 per object
     num_logits = sum(x[:, 0].numel() for x in logits)
-    torch.testing.assert_close(grad, torch.tensor([-1.0] * A + [1.0] * A) * num_logits)
+    torch.testing.assert_close(grad.cpu(), torch.tensor([-1.0] * A + [1.0] * A) * num_logits)
 
 
 def test_bad_arguments_raise_value_error_naming_the_key():
@@ -122,20 +122,22 @@ def _reference(head, features):
 
 @pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("density", [0.003, 0.5])  # sparse backward; dense fallback
-def test_head_gradients_equal_plain_autograd(objectness, density):
-    head = _heads(objectness)
+def test_head_gradients_equal_plain_autograd(objectness, density, device):
+    head = _heads(objectness).to(device)
     g = torch.Generator().manual_seed(1)
-    features = [torch.randn(2, C, h, w, generator=g) for h, w in ((24, 20), (12, 10), (1, 2))]
+    features = [torch.randn(2, C, h, w, generator=g).to(device) for h, w in ((24, 20), (12, 10), (1, 2))]
     grads = []
     for forward in (head, lambda f: _reference(head, f)):
         head.zero_grad()
         inputs = [x.clone().requires_grad_() for x in features]
         scores, deltas = forward(inputs)
-        if forward is head:
+        if forward is head and device.type == "cpu":
             assert "_RPNHeadFunction" in type(deltas[0].grad_fn).__name__
+        elif forward is head:  # on GPUs the head's backward is autograd's (no host-device sync)
+            assert "_RPNHeadFunction" not in type(deltas[0].grad_fn).__name__
         g = torch.Generator().manual_seed(2)
         # gradient at a few anchors, as the losses give
-        upstream = [torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < density)
+        upstream = [(torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < density)).to(device)
                     for x in scores + deltas]
         torch.autograd.backward(scores + deltas, upstream)
         grads.append([p.grad for p in head.parameters()] + [x.grad for x in inputs] + scores + deltas)
@@ -146,19 +148,19 @@ def test_head_gradients_equal_plain_autograd(objectness, density):
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_backward_option_equals_standard_rpn_head_bit_for_bit():
-    head = _heads("sigmoid")
+def test_dense_backward_option_equals_standard_rpn_head_bit_for_bit(device):
+    head = _heads("sigmoid").to(device)
     head.sparse_backward = False  # MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD: False
-    stock = StandardRPNHead(in_channels=C, num_anchors=A)
+    stock = StandardRPNHead(in_channels=C, num_anchors=A).to(device)
     stock.load_state_dict(head.state_dict())
-    features = [torch.randn(2, C, 24, 20), torch.randn(2, C, 12, 10)]
+    features = [torch.randn(2, C, 24, 20).to(device), torch.randn(2, C, 12, 10).to(device)]
     grads = []
     for module in (head, stock):
         module.zero_grad()
         inputs = [x.clone().requires_grad_() for x in features]
         scores, deltas = module(inputs)
         g = torch.Generator().manual_seed(2)
-        upstream = [torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < 0.003)
+        upstream = [(torch.randn(x.shape, generator=g) * (torch.rand(x.shape, generator=g) < 0.003)).to(device)
                     for x in scores + deltas]
         torch.autograd.backward(scores + deltas, upstream)
         grads.append([p.grad for p in module.parameters()] + [x.grad for x in inputs])
@@ -166,11 +168,11 @@ def test_dense_backward_option_equals_standard_rpn_head_bit_for_bit():
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
-def test_head_outputs_equal_standard_rpn_head_with_and_without_grad():
-    head = _heads("sigmoid")
-    stock = StandardRPNHead(in_channels=C, num_anchors=A)
+def test_head_outputs_equal_standard_rpn_head_with_and_without_grad(device):
+    head = _heads("sigmoid").to(device)
+    stock = StandardRPNHead(in_channels=C, num_anchors=A).to(device)
     stock.load_state_dict(head.state_dict())
-    features = [torch.randn(2, C, 9, 7), torch.randn(2, C, 5, 4)]
+    features = [torch.randn(2, C, 9, 7).to(device), torch.randn(2, C, 5, 4).to(device)]
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             for ours, reference in zip(head(features), stock(features)):
@@ -178,12 +180,12 @@ def test_head_outputs_equal_standard_rpn_head_with_and_without_grad():
                     torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_head_without_input_gradient_and_with_unused_output():
-    head = _heads("sigmoid")
-    features = [torch.randn(1, C, 6, 6)]  # not requiring grad, as after a frozen backbone
+def test_head_without_input_gradient_and_with_unused_output(device):
+    head = _heads("sigmoid").to(device)
+    features = [torch.randn(1, C, 6, 6).to(device)]  # not requiring grad, as after a frozen backbone
     scores, _ = head(features)
     (scores[0][0, 0, 2, 3] * 2.0).backward()
-    reference = _heads("sigmoid")
+    reference = _heads("sigmoid").to(device)
     reference_scores, _ = _reference(reference, features)
     (reference_scores[0][0, 0, 2, 3] * 2.0).backward()
     for p, q in zip(head.parameters(), reference.parameters()):

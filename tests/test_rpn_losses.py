@@ -62,17 +62,17 @@ def _gt_instances(gt_boxes, image_size=(90, 80)):
 
 
 @pytest.mark.parametrize("loss_type, beta", [("smooth_l1", 0.0), ("smooth_l1", 0.2), ("giou", 0.0)])
-def test_losses_and_their_gradients_equal_detectron2(loss_type, beta):
-    rpn = _rpn(BBOX_REG_LOSS_TYPE=loss_type, SMOOTH_L1_BETA=beta)
+def test_losses_and_their_gradients_equal_detectron2(loss_type, beta, device):
+    rpn = _rpn(BBOX_REG_LOSS_TYPE=loss_type, SMOOTH_L1_BETA=beta).to(device)
     anchors, gt_boxes = _random_case(5)
-    gt_boxes = [b[(b[:, 2:] > b[:, :2]).all(dim=1)] for b in gt_boxes]  # a box target needs a valid gt
+    gt_boxes = [b[(b[:, 2:] > b[:, :2]).all(dim=1)].to(device) for b in gt_boxes]  # a box target needs a valid gt
     level_sizes = [24 * 20 * 6, 12 * 10 * 6, 6 * 5 * 6]
-    anchors = list(Boxes(anchors.split(level_sizes)[i]) for i in range(3))
+    anchors = list(Boxes(anchors.split(level_sizes)[i].to(device)) for i in range(3))
     torch.manual_seed(0)
     labels, matched = rpn.label_and_sample_anchors(anchors, _gt_instances(gt_boxes))
     g = torch.Generator().manual_seed(1)
-    logits = [torch.randn(4, n, generator=g) for n in level_sizes]
-    deltas = [torch.randn(4, n, 4, generator=g) * 0.3 for n in level_sizes]
+    logits = [torch.randn(4, n, generator=g).to(device) for n in level_sizes]
+    deltas = [(torch.randn(4, n, 4, generator=g) * 0.3).to(device) for n in level_sizes]
     results = []
     for losses_fn in (rpn.losses, lambda *args: RPN.losses(rpn, *args)):
         inputs = [x.clone().requires_grad_() for x in logits + deltas]
@@ -81,7 +81,7 @@ def test_losses_and_their_gradients_equal_detectron2(loss_type, beta):
         sum(losses.values()).backward()
         results.append((losses, [x.grad for x in inputs]))
     (ours, our_grads), (d2, d2_grads) = results
-    assert ours["loss_rpn_loc"] > 0
+    assert ours["loss_rpn_loc"] > 0 and ours["loss_rpn_loc"].device.type == device.type
     for key in d2:
         torch.testing.assert_close(ours[key], d2[key], rtol=0, atol=0)
     for ours_grad, d2_grad in zip(our_grads, d2_grads):
