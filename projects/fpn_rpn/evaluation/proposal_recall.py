@@ -13,7 +13,7 @@ COCOEvaluator prints the "d2" numbers in percent), and NaN where no gt counts.
     then lowest proposal index) pairs one proposal with one gt. A gt counts at
     threshold t if its pair has IoU >= t. **Images without any proposal are skipped
     entirely: their gts count in neither numerator nor denominator**, so an empty
-    output cannot lower this recall. IoUs in float32, as Boxes.
+    output cannot lower this recall. IoUs in float32, by Detectron2's ``pairwise_iou``.
 "coco": pycocotools' COCOeval with ``useCats = 0``, ``iouType = "bbox"``, ``maxDets``
     = the budgets, proposals given as detections in Detectron2's result format (XYWH
     computed in float32 as ``instances_to_coco_json`` does). Per threshold,
@@ -21,7 +21,7 @@ COCOEvaluator prints the "d2" numbers in percent), and NaN where no gt counts.
     highest IoU >= t (ties: the later gt in COCOeval's category-grouped order). Crowd
     and out-of-range gts are COCOeval's "ignored" gts: they can absorb a proposal but
     never count, so recall does not depend on them. Every image counts, with or
-    without proposals. IoUs in float64, as pycocotools.
+    without proposals. IoUs in float64, by ``pycocotools.mask.iou`` (as COCOeval).
 
 Category groups (``TEST.RECALL_CATEGORY_GROUPS``): the recall of a group is either
 definition computed with only the group's annotations as ground truth (crowd regions
@@ -41,6 +41,8 @@ from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from detectron2.structures import Boxes, pairwise_iou
+from pycocotools import mask as coco_mask
 from tabulate import tabulate
 
 __all__ = [
@@ -250,32 +252,6 @@ def check_budgets(budgets: Sequence[int]) -> List[int]:
     return budgets
 
 
-def _iou_d2(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(N, 4) x (G, 4) float32 XYXY -> (N, G) float32, with pairwise_iou's arithmetic."""
-    area1 = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area2 = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
-    w = np.minimum(boxes[:, 2, None], gt[:, 2]) - np.maximum(boxes[:, 0, None], gt[:, 0])
-    h = np.minimum(boxes[:, 3, None], gt[:, 3]) - np.maximum(boxes[:, 1, None], gt[:, 1])
-    inter = np.maximum(w, 0) * np.maximum(h, 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = inter / (area1[:, None] + area2[None, :] - inter)
-    return np.where(inter > 0, iou, np.float32(0))
-
-
-def _iou_coco(dets: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(N, 4) x (G, 4) float64 XYWH -> (N, G) float64, with maskApi's bbIou arithmetic."""
-    w = np.minimum((dets[:, 2] + dets[:, 0])[:, None], gt[:, 2] + gt[:, 0]) - np.maximum(
-        dets[:, None, 0], gt[:, 0]
-    )
-    h = np.minimum((dets[:, 3] + dets[:, 1])[:, None], gt[:, 3] + gt[:, 1]) - np.maximum(
-        dets[:, None, 1], gt[:, 1]
-    )
-    inter = w * h
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = inter / ((dets[:, 2] * dets[:, 3])[:, None] + gt[:, 2] * gt[:, 3] - inter)
-    return np.where((w > 0) & (h > 0), iou, 0.0)
-
-
 def _gt_of(gt_by_image: Mapping, img_id, definition: str):
     """Non-crowd gts of one image: boxes for the definition's IoU, areas, COCOeval rank."""
     try:
@@ -335,12 +311,13 @@ def _build_edges(gt_by_image, proposals_by_image, max_budget, thresholds, ranges
             continue
         if d2:
             order = torch.from_numpy(np.ascontiguousarray(scores)).sort(descending=True)[1].numpy()
-            iou = _iou_d2(boxes[order[:max_budget]], gt_boxes)
+            iou = pairwise_iou(Boxes(torch.from_numpy(boxes[order[:max_budget]])), Boxes(torch.from_numpy(gt_boxes)))
+            iou = iou.numpy()
         else:
             order = np.argsort(-scores, kind="stable")
             dets = boxes[order[:max_budget]]
             dets[:, 2:] -= dets[:, :2]  # XYWH in float32, as instances_to_coco_json
-            iou = _iou_coco(dets.astype(np.float64), gt_boxes)
+            iou = coco_mask.iou(dets.astype(np.float64), gt_boxes, np.zeros(len(gt_boxes), dtype=np.uint8))
         p, g = np.nonzero(iou >= min_thr)
         rows.append(row_offset + p)
         cols.append(first_col + g)
