@@ -137,7 +137,10 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank,
                             timeout=timeout)
-    store = dist.distributed_c10d._get_default_store()
+    try:  # where a failing process records its rank (torch's private accessor: none if it changes)
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        store = None
     try:
         _create_local_process_group(num_per_machine, machine_rank)
         # processes share the cores instead of each starting one thread per core
