@@ -154,19 +154,23 @@ class FPNRPN(RPN):
             anchors: (R, 4); pred_anchor_deltas: L tensors (N, Hi*Wi*A, 4);
             gt_boxes: N tensors (R, 4); pos_mask: (N, R).
         """
-        image_idx, anchor_idx = pos_mask.nonzero(as_tuple=True)  # row-major, as [pos_mask]
-        # (N, R, 4) indexed at the positives, level by level, without concatenating levels
-        starts = [0]
+        image_idx, anchor_idx = pos_mask.nonzero(as_tuple=True)  # row-major, as [pos_mask]; one sync
+        # (N, R, 4) indexed at the positives without concatenating the levels (a copy of
+        # every anchor's deltas) and without a host-device sync per level or image: each
+        # level is gathered at every positive, its index clamped into the level, and
+        # torch.where keeps the rows that are in it (its backward gives the others zeros)
+        pred = target = None
+        start = 0
         for deltas_i in pred_anchor_deltas:
-            starts.append(starts[-1] + deltas_i.shape[1])
-        level_idx = torch.bucketize(anchor_idx, anchor_idx.new_tensor(starts[1:-1]), right=True)
-        parts, order = [], []
-        for level, deltas_i in enumerate(pred_anchor_deltas):
-            in_level = (level_idx == level).nonzero().squeeze(1)
-            parts.append(deltas_i[image_idx[in_level], anchor_idx[in_level] - starts[level]])
-            order.append(in_level)
-        pred = cat(parts)[torch.argsort(cat(order))]  # (P, 4), rows in pos_mask order
-        target = cat([gt_i[anchor_idx[image_idx == i]] for i, gt_i in enumerate(gt_boxes)])
+            end = start + deltas_i.shape[1]
+            if end > start:  # an empty level has no row to gather
+                rows = deltas_i[image_idx, (anchor_idx - start).clamp(0, end - start - 1)]
+                in_level = ((anchor_idx >= start) & (anchor_idx < end))[:, None]
+                pred = rows if pred is None else torch.where(in_level, rows, pred)
+            start = end
+        for i, gt_i in enumerate(gt_boxes):
+            rows = gt_i[anchor_idx]
+            target = rows if target is None else torch.where((image_idx == i)[:, None], rows, target)
         positive_anchors = anchors[anchor_idx]
         if self.box_reg_loss_type == "smooth_l1":
             target_deltas = self.box2box_transform.get_deltas(positive_anchors, target)
