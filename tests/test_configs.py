@@ -21,6 +21,8 @@ EXPECTED_COMPONENTS = {
     "fpn_rpn_R_50_FPN_1x.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_EffLite0_FPN_coco_cpu.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
+    "fpn_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
+    "oln_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml": (FPNRPN, FPNRPNHead, FPNAnchorGenerator),
     "stock_rpn_R_50_FPN_1x.yaml": (RPN, StandardRPNHead, DefaultAnchorGenerator),
     "Base-CascadeRPN.yaml": (CascadeRPN, CascadeRPNHead, FPNAnchorGenerator),
     "cascade_rpn_R_50_FPN_1x.yaml": (CascadeRPN, CascadeRPNHead, FPNAnchorGenerator),
@@ -116,3 +118,14 @@ def test_bad_rpn_key_is_named(key, value, match):
 
 def test_good_config_passes_the_checks():
     check_rpn_config(_load(BASE), SHAPES)
+
+
+def test_novel_class_configs_differ_only_in_the_objectness_target():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    sigmoid = _load(configs / "fpn_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml")
+    oln = _load(configs / "oln_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml")
+    assert list(sigmoid.DATASETS.TRAIN_CATEGORIES) == ["voc"]
+    assert [list(g) for g in sigmoid.TEST.RECALL_CATEGORY_GROUPS] == [["seen", "voc"], ["novel", "nonvoc"]]
+    assert (sigmoid.MODEL.FPN_RPN.OBJECTNESS, oln.MODEL.FPN_RPN.OBJECTNESS) == ("sigmoid", "centerness")
+    oln.MODEL.FPN_RPN.OBJECTNESS, oln.OUTPUT_DIR = sigmoid.MODEL.FPN_RPN.OBJECTNESS, sigmoid.OUTPUT_DIR
+    assert oln.dump() == sigmoid.dump()

@@ -99,7 +99,7 @@ def test_bad_thresholds_name_the_key(value):
 
 
 def test_constructor_names_its_argument():
-    with pytest.raises(ValueError, match="objectness_target must be one of"):
+    with pytest.raises(ValueError, match="^objectness_target = 'iou' is invalid: must be one of"):
         FPNRPN(**{**FPNRPN.from_config(_cfg(), SHAPES), "objectness_target": "iou"})
 
 

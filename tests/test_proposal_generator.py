@@ -379,11 +379,20 @@ def test_cross_level_mode_removes_duplicates_that_per_level_keeps():
 
 def test_invalid_options_raise_value_error_naming_the_key():
     for key, value, match in [
-        ("NMS_MODE", "global", "MODEL.FPN_RPN.NMS_MODE must be one of"),
-        ("SCORE_THRESH_TEST", 1.0, r"MODEL.FPN_RPN.SCORE_THRESH_TEST must be in \[0, 1\)"),
-        ("CLS_LOSS_NORMALIZER", "images", "MODEL.FPN_RPN.CLS_LOSS_NORMALIZER must be one of"),
-        ("LOC_LOSS_NORMALIZER", "images", "MODEL.FPN_RPN.LOC_LOSS_NORMALIZER must be one of"),
-        ("BBOX_REG_LOSS_TYPE", "diou", "MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of"),
+        ("NMS_MODE", "global", "MODEL.FPN_RPN.NMS_MODE = 'global' is invalid: must be one of"),
+        ("SCORE_THRESH_TEST", 1.0, r"MODEL.FPN_RPN.SCORE_THRESH_TEST = 1.0 is invalid: must be in \[0, 1\)"),
+        ("CLS_LOSS_NORMALIZER", "images", "MODEL.FPN_RPN.CLS_LOSS_NORMALIZER = 'images' is invalid: must be one of"),
+        ("LOC_LOSS_NORMALIZER", "images", "MODEL.FPN_RPN.LOC_LOSS_NORMALIZER = 'images' is invalid: must be one of"),
+        ("BBOX_REG_LOSS_TYPE", "diou", "MODEL.RPN.BBOX_REG_LOSS_TYPE = 'diou' is invalid: must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             build_proposal_generator(_cfg(**{key: value}), SHAPES)
+
+
+def test_invalid_arguments_name_the_argument():
+    """A LazyConfig user passes arguments: the constructor names them, not config keys."""
+    args = FPNRPN.from_config(_cfg(), SHAPES)
+    for name, value in [("nms_mode", "global"), ("score_thresh", 1.0), ("cls_loss_normalizer", "images"),
+                        ("loc_loss_normalizer", "images"), ("box_reg_loss_type", "diou")]:
+        with pytest.raises(ValueError, match=f"^{name} = .* is invalid: must be"):
+            FPNRPN(**{**args, name: value})

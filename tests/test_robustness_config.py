@@ -80,12 +80,15 @@ BAD = [
     ("MODEL.ANCHOR_GENERATOR.NAME", "FPNAnchors",
      r"^MODEL.ANCHOR_GENERATOR.NAME = 'FPNAnchors' is not registered; registered: \[.*'FPNAnchorGenerator'.*\]$"),
     ("MODEL.FPN_RPN.OBJECTNESS", "tanh",
-     r"^MODEL.FPN_RPN.OBJECTNESS must be one of \('sigmoid', 'softmax', 'centerness'\), got 'tanh'$"),
+     r"^MODEL.FPN_RPN.OBJECTNESS = 'tanh' is invalid: must be one of \('sigmoid', 'softmax', 'centerness'\)$"),
     ("MODEL.FPN_RPN.NMS_MODE", "global",
-     r"^MODEL.FPN_RPN.NMS_MODE must be one of \('cross_level', 'per_level'\), got 'global'$"),
-    ("MODEL.FPN_RPN.LOC_LOSS_NORMALIZER", "mean", r"^MODEL.FPN_RPN.LOC_LOSS_NORMALIZER must be one of \('batch_size'"),
+     r"^MODEL.FPN_RPN.NMS_MODE = 'global' is invalid: must be one of \('cross_level', 'per_level'\)$"),
+    ("MODEL.FPN_RPN.LOC_LOSS_NORMALIZER", "mean", r"^MODEL.FPN_RPN.LOC_LOSS_NORMALIZER = 'mean' is invalid: must be one of \('batch_size'"),
+    ("MODEL.RPN.CONV_DIMS", [], r"^MODEL.RPN.CONV_DIMS = \[\] is invalid: give at least one conv width"),
+    ("MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS", [0.3, 0.1],
+     r"^MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS = \[0.3, 0.1\] is invalid: must be \[negative below, positive from\]"),
     ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "l2",
-     r"^MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of \('smooth_l1', 'l1', 'iou', 'giou'\), got 'l2'$"),
+     r"^MODEL.RPN.BBOX_REG_LOSS_TYPE = 'l2' is invalid: must be one of \('smooth_l1', 'l1', 'iou', 'giou'\)$"),
 ]  # fmt: skip
 
 

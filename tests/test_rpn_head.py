@@ -88,10 +88,11 @@ def test_softmax_gradients_reach_both_score_channels(device):
     torch.testing.assert_close(grad.cpu(), torch.tensor([-1.0] * A + [1.0] * A) * num_logits)
 
 
-def test_bad_arguments_raise_value_error_naming_the_key():
-    with pytest.raises(ValueError, match="MODEL.FPN_RPN.OBJECTNESS must be one of"):
+def test_bad_arguments_raise_value_error_naming_the_argument():
+    # the config keys are named by check_rpn_config (tests/test_robustness_config.py)
+    with pytest.raises(ValueError, match="^objectness = 'softmax2' is invalid: must be one of"):
         FPNRPNHead(in_channels=C, num_anchors=A, objectness="softmax2")
-    with pytest.raises(ValueError, match="MODEL.RPN.CONV_DIMS is empty"):
+    with pytest.raises(ValueError, match=r"^conv_dims = \[\] is invalid: give at least one conv width"):
         FPNRPNHead(in_channels=C, num_anchors=A, conv_dims=[])
 
 

