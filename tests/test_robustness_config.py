@@ -1,5 +1,5 @@
 """Bad configs stop with one ConfigError line naming the key: the RPN keys when the model is
-built (tests/test_configs.py and test_anchor_generator.py check the same messages on the
+built (tests/test_configs.py and modeling/test_anchor_generator.py check the same messages on the
 components alone), the others, and unknown keys, files and override lists, in setup_cfg before
 any work. Every tool ends with that line and exit status 1, and on a misused argument with one
 line and exit status 2."""

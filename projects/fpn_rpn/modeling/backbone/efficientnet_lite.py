@@ -9,7 +9,7 @@ the ``efficientnet-lite-pytorch`` package that those weights were saved from bec
 - timm computes TensorFlow's "same" padding from each input's size at run time
   (``Conv2dSame``). The other package fixes its padding for one image size at
   construction (224 px), which is wrong for the variable sizes Detectron2 feeds a
-  backbone; tests/test_efficientnet_lite.py checks that timm's features equal that
+  backbone; tests/modeling/test_efficientnet_lite.py checks that timm's features equal that
   package's when it is built for the very size fed.
 - timm is widely used and maintained, gives the stage outputs with their strides and
   channels (``feature_info``), and freezes its fused BatchNorm+ReLU6 layers correctly

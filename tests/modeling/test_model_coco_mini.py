@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 
 from fpn_rpn import FPNRPN, add_fpn_rpn_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fpn_rpn_R_50_FPN_1x.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fpn_rpn_R_50_FPN_1x.yaml"
 
 
 @pytest.fixture(scope="module")

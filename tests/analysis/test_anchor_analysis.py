@@ -25,7 +25,7 @@ from fpn_rpn import setup_cfg
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
 from conftest import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = str(REPO / "configs" / "demo" / "fpn_rpn_R_18_GN_synthetic.yaml")
 # 128x128 images resized to 64x64 for the network: scale 0.5; COCO's anchor sizes
 HALF = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,

@@ -17,7 +17,7 @@ from fpn_rpn.modeling.proposal_generator import FPNRPN
 
 from conftest import rpn_inputs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHAPES = {f: ShapeSpec(channels=8, stride=2 ** (i + 2)) for i, f in enumerate(["p2", "p3", "p4", "p5", "p6"])}
 GT = torch.tensor([[0.0, 0.0, 40.0, 20.0]])  # centre (20, 10)
 

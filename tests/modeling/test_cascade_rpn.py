@@ -23,7 +23,7 @@ from fpn_rpn.modeling.region_assignment import assign_by_region
 
 from conftest import rpn_inputs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 C = 8
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]
 SHAPES = {f: ShapeSpec(channels=C, stride=2 ** (i + 2)) for i, f in enumerate(LEVELS)}

@@ -17,7 +17,7 @@ from fpn_rpn import FPNRPN, add_fpn_rpn_config
 
 from conftest import gt_instances, rpn_inputs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 C = 16  # feature channels
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]
 SHAPES = {f: ShapeSpec(channels=C, stride=2 ** (i + 2)) for i, f in enumerate(LEVELS)}

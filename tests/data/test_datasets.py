@@ -103,14 +103,14 @@ def test_register_datasets_coco_mini(coco_mini, monkeypatch, tmp_path):
 
 def test_synthetic_root(monkeypatch, tmp_path):
     monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
-    assert synthetic_root() == Path(__file__).resolve().parents[1] / "datasets" / "fpn_rpn_synthetic"
+    assert synthetic_root() == Path(__file__).resolve().parents[2] / "datasets" / "fpn_rpn_synthetic"
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     assert synthetic_root() == tmp_path / "fpn_rpn_synthetic"
 
 
 def test_shared_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("FPN_RPN_DATA", raising=False)  # the default, in this checkout: ../shared/data
-    assert shared_data_root() == Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert shared_data_root() == Path(__file__).resolve().parents[3] / "shared" / "data"
     monkeypatch.setenv("FPN_RPN_DATA", str(tmp_path))
     assert shared_data_root() == tmp_path
 
