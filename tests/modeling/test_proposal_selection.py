@@ -148,16 +148,22 @@ def test_batch_gives_the_same_proposals_as_image_by_image(per_level, device):
         torch.testing.assert_close(batched_i.objectness_logits, single.objectness_logits, rtol=0, atol=0)
 
 
+def _random_levels(g, nums, span, start, min_wh, wh_span, device="cpu"):
+    """Random boxes (2 images x num per level, corners in [start, start + span) + wh) and logits."""
+    proposals, logits = [], []
+    for num in nums:
+        xy = torch.rand(2, num, 2, generator=g) * span + start
+        wh = min_wh + torch.rand(2, num, 2, generator=g) * wh_span
+        proposals.append(torch.cat((xy, xy + wh), dim=2).to(device))
+        logits.append(torch.randn(2, num, generator=g).to(device))
+    return proposals, logits
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_per_level_mode_equals_detectron2_find_top_rpn_proposals(training, device):
     g = torch.Generator().manual_seed(3)
     image_sizes = [(120, 90), (100, 128)]
-    proposals, logits = [], []
-    for num in (3 * 32 * 32, 3 * 16 * 16, 3 * 8 * 8):
-        xy = torch.rand(2, num, 2, generator=g) * 140 - 10
-        wh = torch.rand(2, num, 2, generator=g) * 60
-        proposals.append(torch.cat((xy, xy + wh), dim=2))
-        logits.append(torch.randn(2, num, generator=g))
+    proposals, logits = _random_levels(g, (3 * 32 * 32, 3 * 16 * 16, 3 * 8 * 8), 140, -10, 0, 60)
     ours = _top(proposals, logits, image_sizes, pre=500, post=300, min_size=2.0, training=training, per_level=True,
                 device=device)
     d2 = find_top_rpn_proposals([p.to(device) for p in proposals], [s.to(device) for s in logits], image_sizes,
@@ -241,12 +247,7 @@ def test_detectron2s_nms_call_image_by_image_equals_find_top_rpn_proposals(pre, 
 
     g = torch.Generator().manual_seed(5)
     image_sizes = [(800, 1216), (736, 1333)]
-    proposals, logits = [], []
-    for num in (3 * 50 * 76, 3 * 25 * 38, 3 * 13 * 19):
-        xy = torch.rand(2, num, 2, generator=g) * 1300 - 20
-        wh = 8 + torch.rand(2, num, 2, generator=g) * 300
-        proposals.append(torch.cat((xy, xy + wh), dim=2).to(device))
-        logits.append(torch.randn(2, num, generator=g).to(device))
+    proposals, logits = _random_levels(g, (3 * 50 * 76, 3 * 25 * 38, 3 * 13 * 19), 1300, -20, 8, 300, device)
     anchors = [torch.zeros(p.shape[1], 4, device=device) for p in proposals]
     boxes, scores, levels = top_k_proposals_per_level(anchors, proposals, logits, pre, _ProposalsAsDeltas())
     image_ids = torch.arange(2, device=device)[:, None].expand_as(scores).reshape(-1)
