@@ -119,8 +119,12 @@ def test_shared_data_root(monkeypatch, tmp_path):
     ("coco_mini_val", "coco_mini", "annotations/instances_val2017.json"),
     ("coco_extra_train", "coco_extra", "annotations/train.json"),
 ])
-def test_shared_data_not_found_names_the_variable(monkeypatch, tmp_path, name, folder, json_file):
+def test_shared_data_not_found_names_the_variable(monkeypatch, tmp_path, name, folder, json_file, catalogs):
     monkeypatch.setenv("FPN_RPN_DATA", str(tmp_path))
+    # registered by an earlier test of the session from the real folder: start without it
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
     cfg = _cfg(test=[name])
     register_datasets(cfg)
     missing = tmp_path / folder / json_file

@@ -238,7 +238,7 @@ def two_image_dataset(val_json, tmp_path):
     path = tmp_path / "val2.json"
     path.write_text(json.dumps(data))
     name = "compare_recall_test_" + uuid.uuid4().hex[:8]
-    yield name, str(path), str(val_json.parents[2] / "val2017")
+    yield name, str(path), str(val_json.parents[1] / "val2017")
     for catalog in (DatasetCatalog, MetadataCatalog):
         if name in catalog.list():
             catalog.remove(name)

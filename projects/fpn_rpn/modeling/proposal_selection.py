@@ -313,41 +313,44 @@ def select_proposals(
         )
     if score_thresh > 0:
         # sigmoid(s) >= p  <=>  s >= logit(p), which spares a sigmoid over all scores
-        keep &= scores >= math.log(score_thresh) - math.log1p(-score_thresh)
+        keep = keep & (scores >= math.log(score_thresh) - math.log1p(-score_thresh))
     # Clipped before the non-finite boxes are dropped (clipping turns inf into the image's
     # side: ``keep`` was taken before), so that one mask, one host-device sync, filters all
     image_hw = image_sizes_tensor(image_sizes, boxes.dtype, device)
     boxes = clip_boxes(boxes, image_hw[image_ids])
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    keep &= (widths > min_box_size) & (heights > min_box_size)
+    keep = keep & ((widths > min_box_size) & (heights > min_box_size))  # not &=: ONNX exports no in-place and
     boxes, scores, image_ids, levels = boxes[keep], scores[keep], image_ids[keep], levels[keep]
 
     # Each image's boxes by descending score, equal scores in index order (level, rank)
     order = _stable_sort(scores, descending=True)[1]
     order = order[_stable_sort(image_ids[order])[1]]
     boxes, scores, image_ids, levels = boxes[order], scores[order], image_ids[order], levels[order]
-    exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
-    if per_level_nms and device.type != "cpu" and not exporting:
-        # Detectron2's own NMS call, image by image (see the module's docstring)
-        per_image = _per_level_nms_image_by_image(boxes, image_ids, levels, nms_thresh, num_images, post_nms_topk)
-        return _instances(image_sizes, [boxes[k] for k in per_image], [scores[k] for k in per_image])
     if per_level_nms:
         groups, num_groups = image_ids * num_levels + levels, num_images * num_levels
     else:
         groups, num_groups = image_ids, num_images
-    keep = _nms_in_order(boxes, groups, nms_thresh, num_groups)
-
-    if exporting:
+    # the condition as TorchScript recognises it, so that scripting compiles this branch only
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        keep = _nms_in_order(boxes, groups, nms_thresh, num_groups)
         # each image's first post_nms_topk, by mask and slice (no host-side counts)
         per_image = [keep[image_ids[keep] == i][:post_nms_topk] for i in range(num_images)]
-        boxes_per_image = [boxes[keep_i] for keep_i in per_image]
-        scores_per_image = [scores[keep_i] for keep_i in per_image]
     else:
-        keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
-        counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
-        boxes_per_image = list(boxes[keep].split(counts))
-        scores_per_image = list(scores[keep].split(counts))
-    return _instances(image_sizes, boxes_per_image, scores_per_image)
+        per_image = _kept_per_image(boxes, image_ids, levels, groups, num_groups, nms_thresh, num_images,
+                                    post_nms_topk, per_level_nms)
+    return _instances(image_sizes, [boxes[k] for k in per_image], [scores[k] for k in per_image])
+
+
+@torch.jit.unused
+def _kept_per_image(boxes, image_ids, levels, groups, num_groups: int, nms_thresh: float, num_images: int,
+                    post_nms_topk: int, per_level_nms: bool) -> List[torch.Tensor]:
+    """Outside export: each image's kept indices, its first ``post_nms_topk`` in priority order."""
+    if per_level_nms and boxes.device.type != "cpu":
+        # Detectron2's own NMS call, image by image (see the module's docstring)
+        return _per_level_nms_image_by_image(boxes, image_ids, levels, nms_thresh, num_images, post_nms_topk)
+    keep = _nms_in_order(boxes, groups, nms_thresh, num_groups)
+    keep = keep[rank_among(image_ids[keep], num_images) < post_nms_topk]
+    return list(keep.split(torch.bincount(image_ids[keep], minlength=num_images).tolist()))
 
 
 def _instances(image_sizes: List[Tuple[int, int]], boxes_per_image: List[torch.Tensor],
