@@ -643,7 +643,15 @@ def _kill_a_child_while_training(cmd, output_dir, marker, count):
             assert time.time() < deadline, children
             time.sleep(0.2)
             children = _children(process.pid, marker)
-        os.kill(children[-1], signal.SIGKILL)
+        while True:  # the pids are a snapshot: a child can end between the scan and the kill
+            try:
+                os.kill(children[-1], signal.SIGKILL)
+                break
+            except ProcessLookupError:
+                assert process.poll() is None, process.stderr.read()[-3000:]
+                assert time.time() < deadline, children
+                time.sleep(0.2)
+                children = _children(process.pid, marker) or children
         _, stderr = process.communicate(timeout=90)
     finally:
         process.kill()
