@@ -2,10 +2,8 @@
 
 Drawn with PIL, not Detectron2's ``Visualizer``, because a level must have one colour in
 every box and in the legend: Visualizer blends box edges with the image (alpha 0.5),
-antialiases them and draws no legend. Measured by ``benchmarks/proposal_drawing.py`` (20
-proposals over a 640x480 image, 2 shared CPU cores, 2026-12-03): box-edge pixels exactly
-their level's colour 99% here, 0% with ``Visualizer.overlay_instances``; 31 ms against
-990 ms per image.
+antialiases them and draws no legend. The measurement (``benchmarks/proposal_drawing.py``):
+docs/proposal_tools.md#why-not-detectron2s-visualizer.
 """
 from typing import List, Optional, Sequence, Tuple
 

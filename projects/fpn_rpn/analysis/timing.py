@@ -2,10 +2,8 @@
 
 Kept beside ``torch.utils.benchmark``, which times one contender after another and has no
 untimed per-call reset, because on shared cores the drift between contenders' blocks
-exceeds the differences measured: ``benchmarks/timing_order.py`` (the same backbone pass
-as contenders A and B, 2 shared CPU cores, 2026-12-03) measured A/B from 0.50 to 1.27 over
-6 sessions with ``Timer.blocked_autorange`` one after the other, and from 0.82 to 1.09
-with :func:`time_calls` (3 rounds each).
+exceeds the differences measured (``benchmarks/timing_order.py``;
+docs/performance.md#why-rotating-rounds-not-torchutilsbenchmark).
 """
 import time
 from typing import Callable, Dict, List
