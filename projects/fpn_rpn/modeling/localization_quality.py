@@ -47,10 +47,9 @@ def centerness(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
     left_right = torch.stack((cx - gt_boxes[:, 0], gt_boxes[:, 2] - cx), dim=1)
     top_bottom = torch.stack((cy - gt_boxes[:, 1], gt_boxes[:, 3] - cy), dim=1)
-    inside = (left_right.min(dim=1).values > 0) & (top_bottom.min(dim=1).values > 0)
-    ratio = (left_right.min(dim=1).values / left_right.max(dim=1).values.clamp(min=1e-12)) * (
-        top_bottom.min(dim=1).values / top_bottom.max(dim=1).values.clamp(min=1e-12)
-    )
+    (lr_min, lr_max), (tb_min, tb_max) = left_right.aminmax(dim=1), top_bottom.aminmax(dim=1)
+    inside = (lr_min > 0) & (tb_min > 0)
+    ratio = lr_min / lr_max.clamp(min=1e-12) * (tb_min / tb_max.clamp(min=1e-12))
     return torch.where(inside, ratio.clamp(min=0).sqrt(), torch.zeros_like(ratio))
 
 
