@@ -2,7 +2,7 @@
 iterations (backbone, FPN, RPN, losses, backward, optimizer step at LR 0) and whole
 inference passes of the two Lite0 CPU configs, with Detectron2's stock RPN on the
 single-stage config as the reference, timed side by side in one process (rounds in
-rotating order) on the same coco_mini images:
+shuffled order) on the same coco_mini images:
 
     .venv/bin/python benchmarks/cascade_cost.py [--repeats 7] [--batch-size 4]
 
@@ -17,8 +17,8 @@ import torch
 import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_model
 from fpn_rpn import setup_cfg
-from fpn_rpn.analysis.timing import time_calls
-from fpn_rpn.analysis.whole_iteration import STOCK_RPN_OPTS, load_batch, whole_steps
+from timing import time_calls  # benchmarks/
+from whole_iteration import STOCK_RPN_OPTS, load_batch, whole_steps
 
 CONFIGS = {
     "stock RPN": ("configs/fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml", STOCK_RPN_OPTS),

@@ -1,8 +1,8 @@
-"""Why :func:`fpn_rpn.analysis.timing.time_calls` rather than ``torch.utils.benchmark``:
+"""Why :func:`timing.time_calls` (benchmarks/timing.py) rather than ``torch.utils.benchmark``:
 two copies of the same call (an EfficientNet-Lite0 FPN backbone pass on a 320x320 image,
 one CPU thread), timed as torch.utils.benchmark times them (one ``Timer`` per contender,
 one after the other, ``blocked_autorange``) and as ``time_calls`` does (every contender
-once per round, in rotating order). Their true ratio is 1; the spread of the measured
+once per round, in shuffled order). Their true ratio is 1; the spread of the measured
 ratio over sessions is the error a comparison inherits from the machine's drift:
 
     .venv/bin/python benchmarks/timing_order.py [--sessions 6]
@@ -18,7 +18,7 @@ import torch.utils.benchmark as benchmark
 import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_backbone
 from fpn_rpn import setup_cfg
-from fpn_rpn.analysis.timing import time_calls
+from timing import time_calls  # benchmarks/
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
         with torch.no_grad():
             backbone(x)
 
-    ratios = {"torch.utils.benchmark, one after the other": [], "time_calls, rotating rounds": []}
+    ratios = {"torch.utils.benchmark, one after the other": [], "time_calls, shuffled rounds": []}
     per_call = benchmark.Timer("step()", globals={"step": step}).timeit(3).median
     rounds = max(3, int(args.seconds / per_call))
     for _ in range(args.sessions):
@@ -43,7 +43,7 @@ def main():
                 for _ in "ab")
         ratios["torch.utils.benchmark, one after the other"].append(a / b)
         times = time_calls({"a": step, "b": step}, rounds, 1, torch.device("cpu"))
-        ratios["time_calls, rotating rounds"].append(statistics.median(times["a"]) / statistics.median(times["b"]))
+        ratios["time_calls, shuffled rounds"].append(statistics.median(times["a"]) / statistics.median(times["b"]))
     for method, values in ratios.items():
         worst = max(abs(r - 1) for r in values)
         print(f"{method}: A/B = {', '.join(f'{r:.3f}' for r in values)}; largest deviation from 1: {worst:.1%}")

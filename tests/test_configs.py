@@ -12,7 +12,7 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 
 from fpn_rpn import CascadeRPN, CascadeRPNHead, FPNRPN, FPNAnchorGenerator, FPNRPNHead, add_fpn_rpn_config
-from fpn_rpn.modeling.config_checks import check_rpn_config
+from fpn_rpn.config_checks import check_rpn_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 BASE = Path(__file__).resolve().parents[1] / "configs" / "Base-FPN-RPN.yaml"

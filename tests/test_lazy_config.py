@@ -66,7 +66,7 @@ def _settings(obj, depth=0):
     (Box2BoxTransform, Matcher, ...), as nested dicts."""
     out = {}
     for key, value in vars(obj).items():
-        if key in ("training", "_anchor_cache") or key.startswith("_") and "hook" in key:
+        if key == "training" or key.startswith("_") and "hook" in key:
             continue
         plain = _plain(value)
         if plain is not _NOT_PLAIN:

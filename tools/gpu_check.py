@@ -13,7 +13,7 @@ is recorded in the summary and the others still run:
   cuda_tests          the tests that exercise CUDA (pytest -k cuda), skips listed with reasons
   parity              per-level FPNRPN vs Detectron2's stock RPN on CUDA, same head weights,
                       2 images at 800x1333: bit for bit, or where they differ
-  benchmark           tools/benchmark_rpn.py --scope whole on CUDA, R50-FPN at 800 px
+  benchmark           benchmarks/benchmark_rpn.py --scope whole on CUDA, R50-FPN at 800 px
   amp_train           50 training iterations of configs/fpn_rpn_R_50_FPN_1x.yaml on coco_mini
                       with SOLVER.AMP.ENABLED (finite losses, seconds per iteration)
   cpu_vs_gpu          the same weights' proposals on CPU and on CUDA
@@ -68,7 +68,7 @@ def _step_commands(py, out, weights):
     return {
         "cuda_tests": ([py, "-m", "pytest", "-q", "-rs", "-k", "cuda", "tests"], 70),
         "parity": (me + ["--run-step", "parity"], 35),
-        "benchmark": ([py, "tools/benchmark_rpn.py", "--scope", "whole", "--device", "cuda",
+        "benchmark": ([py, "benchmarks/benchmark_rpn.py", "--scope", "whole", "--device", "cuda",
                        "--configs", "R50-FPN 800px", "--whole-repeats", "3"], 80),
         "amp_train": ([py, "tools/train_net.py", "--config-file", R50, "--num-gpus", "1",
                        "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "50", "SOLVER.IMS_PER_BATCH", "2",

@@ -37,11 +37,12 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
+from fpn_rpn.engine.hooks import EvalHook
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from fpn_rpn import add_fpn_rpn_config, register_datasets
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
-from fpn_rpn.engine.config_checks import check_device
+from fpn_rpn.config_checks import check_device
 from fpn_rpn.engine.lazy_overrides import apply_overrides
 from fpn_rpn.engine.launch import create_ddp_model, launch
 from fpn_rpn.errors import Interrupted, os_faults, prepare_output_dir, run_cli, tracebacks_to_log_only
@@ -102,7 +103,7 @@ def do_train(cfg, resume: bool):
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpoints, **cfg.train.checkpointer) if main_process else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main_process else None,
     ])
@@ -144,8 +145,21 @@ def _load_and_launch(args):
                   dist_url=args.dist_url, args=(args,))
 
 
+EPILOG = """
+Without a GPU, --num-gpus N runs N CPU processes joined with gloo. key=value pairs after the
+options override the config (train.output_dir, train.max_iter, train.init_checkpoint, ...).
+
+examples:
+  train the LazyConfig twin of the Lite0 CPU config:
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/fpn_rpn_EffLite0_FPN_coco_cpu.py train.output_dir=output/lazy
+  proposal recall of trained weights:
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/fpn_rpn_EffLite0_FPN_coco_cpu.py --eval-only \\
+        train.init_checkpoint=output/lazy/model_final.pth train.output_dir=output/lazy_eval
+"""
+
+
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    args = default_argument_parser(epilog=EPILOG).parse_args()
     run_cli(functools.partial(_load_and_launch, args), os.path.basename(__file__))
 
 

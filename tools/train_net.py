@@ -145,8 +145,25 @@ def _run(cfg, args):
         raise Interrupted(f"interrupted at iteration {trainer.iter}; continue with --resume") from e
 
 
+EPILOG = """
+Without a GPU, --num-gpus N runs N CPU processes joined with gloo. KEY VALUE pairs after the
+options override the config (MODEL.WEIGHTS, OUTPUT_DIR, SOLVER.MAX_ITER, ...).
+
+examples:
+  train the long CPU config on coco_mini (checkpoints, log.txt and metrics in OUTPUT_DIR):
+    python tools/train_net.py --config-file configs/fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml OUTPUT_DIR output/long
+  continue that run from its last checkpoint after a stop:
+    python tools/train_net.py --config-file configs/fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml --resume OUTPUT_DIR output/long
+  proposal recall (AR@k, small/medium/large) of trained weights:
+    python tools/train_net.py --config-file configs/fpn_rpn_EffLite0_FPN_coco_cpu_long.yaml --eval-only \\
+        MODEL.WEIGHTS output/long/model_final.pth OUTPUT_DIR output/long_eval
+  8 GPUs on one machine:
+    python tools/train_net.py --config-file configs/fpn_rpn_R_50_FPN_1x.yaml --num-gpus 8
+"""
+
+
 def invoke_main():
-    parser = default_argument_parser()
+    parser = default_argument_parser(epilog=EPILOG)
     args = parser.parse_args()
     print("Command Line Args:", args)
     run_cli(

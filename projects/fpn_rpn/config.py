@@ -150,8 +150,7 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str]
 
 def check_cfg(cfg):
     """:func:`setup_cfg`'s checks (ConfigError), then ``cfg`` frozen."""
-    from .engine.config_checks import check_run_config  # here: engine imports detectron2's trainer parts
-    from .modeling.config_checks import check_component_names
+    from .config_checks import check_component_names, check_run_config  # here: it imports the modeling modules
 
     check_component_names(cfg)
     check_run_config(cfg, comm.get_world_size())

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ __all__ = [
     "os_faults",
     "prepare_output_dir",
     "quiet_logging_errors",
+    "is_int",
+    "is_number",
     "require",
     "positive_float",
     "positive_int",
@@ -65,6 +68,16 @@ class OSFaultError(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with where the run stopped and how to continue it, for run_cli's line."""
+
+
+def is_int(value) -> bool:
+    """An integer, not a bool (yacs and JSON give both)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite real number, not a bool: NaN and infinities are no size, threshold or weight."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def require(ok: bool, key: str, value, allowed: str) -> None:

@@ -14,10 +14,7 @@ fpn_rpn's modules take their plain code paths under ``torch.jit.trace`` and
 ``torch.jit.script`` (no NMS threads, no anchor cache, no custom head backward, sizes from
 the graph); the proposals are those of eager mode.
 """
-import importlib
 import os
-import sys
-import types
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,6 +22,8 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
+
+from .compat import detectron2_export
 
 __all__ = [
     "EXPORT_FORMATS", "EXPORT_METHODS", "ONNX_OPSET", "ScriptableProposalNetwork",
@@ -35,33 +34,6 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 EXPORT_METHODS = ("tracing", "scripting")
 # GridSample (Cascade RPN's adaptive convolution) needs opset 16; FPNRPN alone exports at 11
 ONNX_OPSET = 16
-
-
-def _detectron2_export():
-    """
-    ``detectron2.export``. Detectron2 v0.6's package ``__init__`` imports its Caffe2 exporter,
-    which needs the ``caffe2`` package that current torch no longer ships (later Detectron2s
-    make it optional); its TorchScript and tracing modules need none of it. Where that import
-    fails, the package is registered without running its ``__init__``, and the two modules are
-    imported from it.
-    """
-    try:
-        return importlib.import_module("detectron2.export")
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("caffe2"):
-            raise
-    import detectron2
-
-    package = types.ModuleType("detectron2.export")
-    package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
-    sys.modules["detectron2.export"] = package
-    for name in ("flatten", "torchscript"):
-        module = importlib.import_module(f"detectron2.export.{name}")
-        setattr(package, name, module)
-    package.TracingAdapter = package.flatten.TracingAdapter
-    package.scripting_with_instances = package.torchscript.scripting_with_instances
-    package.dump_torchscript_IR = package.torchscript.dump_torchscript_IR
-    return package
 
 
 class ScriptableProposalNetwork(nn.Module):
@@ -116,7 +88,7 @@ def _tracing_adapter(model: nn.Module, image: torch.Tensor):
             # do_postprocess=False, as Detectron2's export tool: the graph returns the network's outputs
             return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
     # eval() too: torch.onnx.export restores the adapter's mode afterwards, which a new module has as training
-    return _detectron2_export().TracingAdapter(model, [{"image": image}], inference).eval()
+    return detectron2_export().TracingAdapter(model, [{"image": image}], inference).eval()
 
 
 def export_model(model: nn.Module, image: torch.Tensor, output_dir: str, fmt: str = "torchscript",
@@ -136,7 +108,7 @@ def export_model(model: nn.Module, image: torch.Tensor, output_dir: str, fmt: st
         raise ValueError(f"export method must be one of {EXPORT_METHODS}, got {method!r}")
     if fmt == "onnx" and method != "tracing":
         raise ValueError("ONNX export traces the model: use the export method 'tracing'")
-    export = _detectron2_export()
+    export = detectron2_export()
     model.eval()
     os.makedirs(output_dir, exist_ok=True)
     if method == "scripting":

@@ -144,14 +144,14 @@ def test_bad_kwargs_raise_value_error(kwargs, match):
         FPNAnchorGenerator(**kwargs)
 
 
-# ---------------------------------------------------------------- anchor cache
+# ---------------------------------------------------------------- anchors per input size and device
 
-CACHE_STRIDES = [4, 8]  # two levels
+TWO_LEVEL_STRIDES = [4, 8]
 
 
 def _generators():
-    ours = FPNAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=CACHE_STRIDES)
-    d2 = DefaultAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=CACHE_STRIDES, offset=0.0)
+    ours = FPNAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=TWO_LEVEL_STRIDES)
+    d2 = DefaultAnchorGenerator(sizes=[[32], [64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=TWO_LEVEL_STRIDES, offset=0.0)
     return ours, d2
 
 
@@ -159,44 +159,19 @@ def _maps(h, w, dtype=torch.float32):
     return [torch.zeros(1, 1, h, w, dtype=dtype), torch.zeros(1, 1, -(-h // 2), -(-w // 2), dtype=dtype)]
 
 
-def test_cached_anchors_are_reused_and_equal_fresh_ones():
+def test_anchors_equal_detectron2s_for_each_input_size_and_dtype():
     ours, d2 = _generators()
-    first = ours(_maps(5, 7))
-    second = ours(_maps(5, 7))
-    assert all(a.tensor is b.tensor for a, b in zip(first, second))
     for size in ((5, 7), (6, 3), (5, 7)):
         for a, b in zip(ours(_maps(*size)), d2(_maps(*size))):
             torch.testing.assert_close(a.tensor, b.tensor, rtol=0, atol=0)
-    assert len(ours._anchor_cache) == 4  # 2 sizes x 2 levels
-    assert ours.state_dict() == {}  # the cache is not saved, nor are the cell anchors
-
-
-def test_cache_is_bounded_and_emptied_when_the_module_moves():
-    ours, d2 = _generators()
-    ours.CACHE_SIZE = 4
-    for h in range(1, 6):
-        ours(_maps(h, 4))
-    assert len(ours._anchor_cache) == 4
-    assert {key[1] for key in ours._anchor_cache} == {4, 5, 2, 3}  # the last 2 sizes: (4, 4) and (5, 4)
+    assert ours.state_dict() == {}  # the cell anchors are not saved, as in Detectron2
     ours.double()
-    assert len(ours._anchor_cache) == 0
     for a, b in zip(ours(_maps(5, 4)), d2(_maps(5, 4))):
         torch.testing.assert_close(a.tensor, b.tensor, rtol=0, atol=0)  # Boxes are float32
-    assert [key[4] for key in ours._anchor_cache] == [torch.float64] * 2
-
-
-def test_anchors_made_under_inference_mode_work_in_training():
-    ours, _ = _generators()
-    with torch.inference_mode():
-        (anchors, _) = ours(_maps(3, 3))
-    assert not anchors.tensor.is_inference()
-    w = torch.ones(4, requires_grad=True)
-    (anchors.tensor * w).sum().backward()  # saves the anchors for backward
-    torch.testing.assert_close(w.grad, anchors.tensor.sum(dim=0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cache_follows_the_module_to_cuda():
+def test_anchors_follow_the_module_to_cuda():
     ours, d2 = _generators()
     ours(_maps(4, 4))
     ours.cuda()

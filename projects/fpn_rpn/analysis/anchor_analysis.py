@@ -238,7 +238,8 @@ def anchor_params(cfg, num_levels: int) -> Tuple[List[List[float]], List[List[fl
         )
     generator = cfg.MODEL.ANCHOR_GENERATOR
     return validate_anchor_params(generator.SIZES, generator.ASPECT_RATIOS, num_levels, generator.OFFSET,
-                                  "MODEL.ANCHOR_GENERATOR.SIZES", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+                                  "MODEL.ANCHOR_GENERATOR.SIZES", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+                                  "MODEL.ANCHOR_GENERATOR.OFFSET")
 
 
 def with_anchor_params(cfg, sizes: List[List[float]], ratios: List[float]):

@@ -5,9 +5,9 @@ variants of one set of weights differ only there. :func:`run_postprocessing_vari
 runs the backbone and head once per image and gives the head outputs to the
 ``predict_proposals`` of one proposal generator per variant, each built from the
 variant's config: what each variant returns is exactly what the model built from its
-config returns (tests check this). Running the head once matters: on a 416x544 input the
-EfficientNet-Lite0 FPN-RPN's proposal generator takes 0.06 s beside the backbone's 0.17 s,
-Cascade RPN's 0.25 s, on one CPU thread.
+config returns (tests check this). Running the head once matters because the backbone
+and head are most of an inference pass: the selection after them is a small share
+(docs/study_cross_level_nms.md#cost).
 
 The head outputs are the arguments that the generator's own ``forward`` (Detectron2's
 ``RPN.forward``, or ``CascadeRPN.forward`` with its stage-1 boxes) hands to

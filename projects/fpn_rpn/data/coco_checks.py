@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-from numbers import Real
 from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetMapper
@@ -40,7 +39,7 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.data.detection_utils import SizeMismatchError
 from PIL import ExifTags, Image
 
-from ..errors import DataError, examples, first_line
+from ..errors import DataError, examples, first_line, is_number
 
 __all__ = [
     "DataError",
@@ -57,10 +56,6 @@ IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 def _is_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def read_coco_json(json_file) -> Dict[str, Any]:
@@ -142,7 +137,7 @@ def check_coco_json(json_file, image_root) -> Dict[Any, Optional[list]]:
 
     missing_files = []
     for image_id, image in images.items():
-        if not (_is_number(image["width"]) and _is_number(image["height"])
+        if not (is_number(image["width"]) and is_number(image["height"])
                 and image["width"] > 0 and image["height"] > 0):
             raise DataError(
                 f"{json_file}: image id {image_id!r}: width {image['width']!r} and height "
@@ -175,10 +170,10 @@ def check_coco_json(json_file, image_root) -> Dict[Any, Optional[list]]:
         if ann.get("ignore", 0) != 0:
             raise DataError(f"{record}: \"ignore\": {ann['ignore']!r} is not supported by Detectron2; remove the key")
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DataError(f"{record}: bbox {bbox!r} is not [x, y, width, height] (4 numbers)")
-        if not all(math.isfinite(v) for v in bbox):
+        if isinstance(bbox, list) and any(isinstance(v, float) and not math.isfinite(v) for v in bbox):
             raise DataError(f"{record}: bbox {bbox!r} has a NaN or infinite value")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            raise DataError(f"{record}: bbox {bbox!r} is not [x, y, width, height] (4 numbers)")
         x, y, w, h = bbox
         if w <= 0 or h <= 0:
             empty.append(ann["id"])

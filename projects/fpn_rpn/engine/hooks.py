@@ -1,6 +1,8 @@
 """Training hooks that let a fault on one process end a multi-process run promptly."""
 from detectron2.engine import hooks
 
+from ..compat import eval_hook_arguments
+
 __all__ = ["EvalHook", "no_eval_after_failure"]
 
 
@@ -17,11 +19,10 @@ class EvalHook(hooks.EvalHook):
 
     def after_train(self):
         if self.trainer.iter < self.trainer.max_iter:  # the run failed
-            del self._func  # as super().after_train does: it may hold the trainer
             return
         super().after_train()
 
 
 def no_eval_after_failure(hook_list):
     """``hook_list`` with Detectron2's EvalHook replaced by :class:`EvalHook` (same period and function)."""
-    return [EvalHook(h._period, h._func) if type(h) is hooks.EvalHook else h for h in hook_list]
+    return [EvalHook(*eval_hook_arguments(h)) if type(h) is hooks.EvalHook else h for h in hook_list]

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import defaults as d2_defaults
-from detectron2.engine.launch import _find_free_port
 from detectron2.engine.launch import launch as _d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..compat import (create_local_process_group, default_store, find_free_port, process_groups,
+                      release_detectron2_process_groups)
 from ..errors import OSFaultError, PeerFailedError, ProcessDiedError, quiet_logging_errors
 
 __all__ = ["launch", "check_port", "create_ddp_model", "cpu_ddp_for_trainer", "destroy_process_group"]
@@ -81,7 +82,7 @@ def _launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_ur
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine; give tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     logger.info("No CUDA device: running %d CPU processes per machine with the gloo backend",
                 num_gpus_per_machine)
     mp.start_processes(
@@ -120,29 +121,15 @@ def check_port(dist_url) -> None:
             # another machine's address (EADDRNOTAVAIL) or a name to resolve: torch reports it
 
 
-def _create_local_process_group(num_per_machine: int, machine_rank: int):
-    if hasattr(comm, "create_local_process_group"):  # current Detectron2
-        comm.create_local_process_group(num_per_machine)
-        return
-    # Detectron2 v0.6 keeps the group in a module variable
-    for i in range(dist.get_world_size() // num_per_machine):
-        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-
-
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
                 timeout):
     quiet_logging_errors()  # as run_cli does in the launching process
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank,
                             timeout=timeout)
-    try:  # where a failing process records its rank (torch's private accessor: none if it changes)
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:
-        store = None
+    store = default_store()  # where a failing process records its rank
     try:
-        _create_local_process_group(num_per_machine, machine_rank)
+        create_local_process_group(num_per_machine, machine_rank)
         # processes share the cores instead of each starting one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
         comm.synchronize()
@@ -190,7 +177,7 @@ def _announce_failure(store, rank: int, world_size: int) -> None:
         store.set(FAILED_RANK_KEY, str(rank))
     except Exception:
         store = None
-    for group in list(dist.distributed_c10d._world.pg_names):
+    for group in process_groups():
         with contextlib.suppress(Exception):
             group.abort()
     with contextlib.suppress(Exception):
@@ -215,9 +202,7 @@ def destroy_process_group() -> None:
     ("terminate called without an active exception") after its work was done.
     """
     dist.destroy_process_group()
-    comm._get_global_gloo_group.cache_clear()
-    if hasattr(comm, "_LOCAL_PROCESS_GROUP"):
-        comm._LOCAL_PROCESS_GROUP = None
+    release_detectron2_process_groups()
     gc.collect()  # the groups are freed here, joining their threads
 
 

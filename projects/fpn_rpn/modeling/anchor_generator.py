@@ -1,7 +1,6 @@
 import contextlib
 import math
 import warnings
-from collections import OrderedDict
 from typing import List, Sequence
 
 import torch
@@ -14,7 +13,6 @@ from detectron2.modeling.anchor_generator import (
 )
 
 from ..errors import ConfigError
-from .speedups import SPEEDUPS
 
 __all__ = ["FPNAnchorGenerator", "validate_anchor_params"]
 
@@ -36,8 +34,11 @@ def _per_level(values, num_levels: int, key: str) -> List[List[float]]:
 
 
 def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
-                           sizes_key: str = "sizes", ratios_key: str = "aspect_ratios"):
-    """Return (sizes, ratios) as one list per level; raise ConfigError (a ValueError) naming the bad key."""
+                           sizes_key: str = "sizes", ratios_key: str = "aspect_ratios", offset_key: str = "offset"):
+    """
+    Return (sizes, ratios) as one list per level; raise ConfigError (a ValueError) naming the bad
+    value by the ``*_key`` given: the constructor's argument names, or the config keys.
+    """
     sizes = _per_level(sizes, num_levels, sizes_key)
     ratios = _per_level(ratios, num_levels, ratios_key)
     for key, per_level in ((sizes_key, sizes), (ratios_key, ratios)):
@@ -48,7 +49,7 @@ def validate_anchor_params(sizes, ratios, num_levels: int, offset: float,
             if bad:
                 raise ConfigError(f"{key}[{level}] = {values}: values must be positive numbers, got {bad}")
     if not 0.0 <= offset < 1.0:
-        raise ConfigError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
+        raise ConfigError(f"{offset_key} must be in [0, 1), got {offset}")
     if len(set(len(s) * len(r) for s, r in zip(sizes, ratios))) != 1:
         raise ConfigError(
             f"{sizes_key} x {ratios_key} must give the same number of anchors on every level "
@@ -76,16 +77,8 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
 
     Its anchors are exactly those of Detectron2's DefaultAnchorGenerator with the same
     arguments, in the same order, so model-zoo RPN weights keep their meaning; it adds
-    checks of the arguments and a cache.
-
-    Anchors depend only on the feature-map size, so they are computed once per level,
-    size, device and dtype and then reused (the last :attr:`CACHE_SIZE` of them). The
-    returned tensors are shared between calls: do not modify them in place. The cache
-    is a plain attribute, not a buffer, so it is not in ``state_dict()``, and it is
-    emptied when the module is moved (``.to()``, ``.cuda()``, ``.half()``, ...).
+    checks of the arguments that name them.
     """
-
-    CACHE_SIZE = 40  # (level, size) entries: 8 input sizes x 5 levels
     # DefaultAnchorGenerator's constant, declared again: TorchScript reads a module's Final
     # attributes from its own class's annotations only
     box_dim: torch.jit.Final[int] = DefaultAnchorGenerator.box_dim
@@ -104,40 +97,20 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
         """
         sizes, aspect_ratios = validate_anchor_params(sizes, aspect_ratios, len(strides), offset)
         super().__init__(sizes=sizes, aspect_ratios=aspect_ratios, strides=strides, offset=offset)
-        self._anchor_cache = OrderedDict()
-
-    def _apply(self, fn, *args, **kwargs):
-        self._anchor_cache.clear()  # the cell anchors are about to move or change dtype
-        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, features: List[torch.Tensor]):
-        """L Boxes (Hi*Wi*A, 4), DefaultAnchorGenerator's; in eager mode from the cache."""
+        """L Boxes (Hi*Wi*A, 4), DefaultAnchorGenerator's."""
         grid_sizes = [feature_map.shape[-2:] for feature_map in features]
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            # a traced or scripted graph computes them from the sizes it is given
+        if torch.jit.is_scripting():
             anchors = self._grid_anchors(grid_sizes)
         else:
-            anchors = self._cached_grid_anchors(grid_sizes)
+            anchors = self._quiet_grid_anchors(grid_sizes)
         return [Boxes(x) for x in anchors]
 
     @torch.jit.unused
-    def _cached_grid_anchors(self, grid_sizes: List[List[int]]) -> List[torch.Tensor]:
-        if not SPEEDUPS.anchor_cache:
+    def _quiet_grid_anchors(self, grid_sizes: List[List[int]]) -> List[torch.Tensor]:
+        with _quiet_meshgrid():
             return self._grid_anchors(grid_sizes)
-        cell_anchors = [x[1] for x in self.cell_anchors.named_buffers()]
-        keys = [(level, int(size[0]), int(size[1]), base.device, base.dtype)
-                for level, (size, base) in enumerate(zip(grid_sizes, cell_anchors))]
-        cache = self._anchor_cache
-        if any(key not in cache for key in keys):
-            # Plain tensors even under inference_mode, so that they can be reused outside it.
-            with torch.inference_mode(False), _quiet_meshgrid():
-                for key, anchors in zip(keys, self._grid_anchors(grid_sizes)):
-                    cache[key] = anchors
-        for key in keys:
-            cache.move_to_end(key)
-        while len(cache) > max(self.CACHE_SIZE, len(keys)):
-            cache.popitem(last=False)
-        return [cache[key] for key in keys]
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -149,6 +122,7 @@ class FPNAnchorGenerator(DefaultAnchorGenerator):
             cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
             sizes_key="MODEL.ANCHOR_GENERATOR.SIZES",
             ratios_key="MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+            offset_key="MODEL.ANCHOR_GENERATOR.OFFSET",
         )
         return {
             "sizes": sizes,

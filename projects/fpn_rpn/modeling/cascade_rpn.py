@@ -11,7 +11,7 @@ from detectron2.utils.events import get_event_storage
 from ..errors import ConfigError
 from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .cascade_rpn_head import CascadeRPNHead
-from .config_checks import check_cascade_config
+from ..config_checks import check_cascade_config
 from .proposal_generator import FPNRPN
 from .proposal_selection import clip_boxes, image_sizes_tensor
 from .region_assignment import assign_by_region

@@ -11,7 +11,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 
 from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
-from .config_checks import check_rpn_config
+from ..config_checks import check_rpn_config
 from ..errors import require
 from .localization_quality import OBJECTNESS_TARGETS, centerness_labels, centerness_loss
 from .proposal_selection import select_proposals, top_k_proposals_per_level

@@ -7,11 +7,10 @@ Detectron2's path without changing its result:
 
 - the per-level top-K is a ``topk`` rather than a sort of every score, where the two
   select the same anchors;
-- :func:`top_k_proposals_per_level` decodes only the selected anchors, not all of them;
-- on CPU the NMS groups (images, or image levels) run on torch's threads side by side.
+- :func:`top_k_proposals_per_level` decodes only the selected anchors, not all of them.
 
 Under ``torch.jit.trace`` and ``torch.jit.script`` (export: ``fpn_rpn.export``) the same
-steps take plain paths the exported graph can hold: no threads, no ``.tolist()``, sizes as
+steps take plain paths the exported graph can hold: no ``.tolist()``, sizes as
 traced tensors, one NMS per group found with a mask; the selected proposals are the same.
 
 Equal scores are ordered by index (level, then anchor), as a stable sort leaves them,
@@ -32,8 +31,8 @@ level ids. So, by device:
   ``batched_nms`` over every image x level would shift by up to (N*L - 1) x (largest
   coordinate of the batch + 1): about 12k px for two 800 x 1333 images where an image
   alone spans about 5.3k, and the float32 roundings would differ;
-- on CPU, each (image, level) runs ``nms`` on the boxes as they are, side by side on
-  threads: what torchvision's CPU ``batched_nms`` computes for an image of more than 1000
+- on CPU, each (image, level) runs ``nms`` on the boxes as they are: what torchvision's
+  CPU ``batched_nms`` computes for an image of more than 1000
   boxes (one ``nms`` per level, no shift), which the shipped configs' images have (P2 alone
   gives PRE_NMS_TOPK boxes). For an image of at most 1000 boxes Detectron2's call shifts
   the levels, and a box at the threshold could go the other way (tested inputs do not
@@ -42,7 +41,6 @@ level ids. So, by device:
 Cross-level mode has no Detectron2 counterpart; there the groups are the images.
 """
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import torch
@@ -50,11 +48,6 @@ from detectron2.layers import batched_nms, cat
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import nms
-
-from .speedups import SPEEDUPS
-
-# Fewer boxes than this are not worth starting threads for.
-_THREADED_NMS_MIN_BOXES = 2000
 
 __all__ = [
     "clip_boxes",
@@ -214,23 +207,13 @@ def _nms_in_order(boxes: torch.Tensor, groups: torch.Tensor, nms_thresh: float, 
 
 @torch.jit.unused
 def _cpu_nms_by_group(boxes: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, nms_thresh: float) -> torch.Tensor:
-    """_nms_in_order on CPU, eager, its groups on torch's threads side by side."""
+    """_nms_in_order on CPU, eager: one ``nms`` per group."""
     # torchvision's batched_nms offsets each group's coordinates when there are few boxes,
     # which rounds them differently from an image on its own: one NMS per group on the
     # boxes as they are (Detectron2 runs one per image) gives the same IoUs.
     by_group = groups.sort(stable=True).indices
     group_idx = [idx for idx in by_group.split(torch.bincount(groups).tolist()) if len(idx)]
-
-    def nms_group(idx):
-        return idx[nms(boxes[idx], keys[idx], nms_thresh)]
-
-    # torchvision's CPU NMS is single-threaded and releases the GIL: groups run side by side.
-    workers = min(torch.get_num_threads(), len(group_idx))
-    if SPEEDUPS.threaded_cpu_nms and workers > 1 and len(boxes) >= _THREADED_NMS_MIN_BOXES:
-        with ThreadPoolExecutor(workers) as pool:
-            kept = list(pool.map(nms_group, group_idx))
-    else:
-        kept = [nms_group(idx) for idx in group_idx]
+    kept = [idx[nms(boxes[idx], keys[idx], nms_thresh)] for idx in group_idx]
     return cat(kept).sort().values if kept else groups.new_zeros((0,))
 
 
@@ -271,7 +254,7 @@ def select_proposals(
     post_nms_topk: int,
     min_box_size: float,
     training: bool,
-    per_level_nms: bool = False,
+    per_level_nms: bool = True,
     score_thresh: float = 0.0,
     num_levels: Optional[int] = None,
 ) -> List[Instances]:

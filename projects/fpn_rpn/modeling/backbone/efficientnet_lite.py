@@ -35,9 +35,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, Backbone
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.utils import comm
 
-from ...errors import ConfigError
+from ...config_checks import check_efficientnet_config
+from ...errors import ConfigError, is_int, require
 
 __all__ = [
     "EfficientNetLite",
@@ -54,7 +54,7 @@ NORMS = ("FrozenBN", "BN", "SyncBN")
 LITE_PIXEL_MEAN = [127.0, 127.0, 127.0]
 LITE_PIXEL_STD = [128.0, 128.0, 128.0]
 # timm's features_only out_indices 1-4: the outputs at strides 4, 8, 16, 32
-_STAGE_NAMES = ("stage2", "stage3", "stage4", "stage5")
+STAGE_NAMES = ("stage2", "stage3", "stage4", "stage5")
 # Which of timm's ``blocks`` end at each stride: FREEZE_AT k freezes the stem and the
 # blocks of strides 2 .. 2**k (k = 2: stem + stride 4, as ResNet's stem + res2).
 _LAST_BLOCK_AT_STRIDE = {2: 0, 4: 1, 8: 2, 16: 4, 32: 6}
@@ -126,20 +126,16 @@ class EfficientNetLite(Backbone):
         super().__init__()
         import timm  # a dependency of this backbone only
 
-        _check_choice("MODEL.FPN_RPN.EFFICIENTNET.VARIANT", variant, VARIANTS)
-        _check_choice("MODEL.FPN_RPN.EFFICIENTNET.NORM", norm, NORMS)
-        if not 0 <= freeze_at <= 5:
-            raise ConfigError(f"MODEL.BACKBONE.FREEZE_AT = {freeze_at} for EfficientNet-Lite: expected 0 .. 5")
-        if not out_features:
-            raise ConfigError(f"MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES is empty: expected names among "
-                              f"{list(_STAGE_NAMES)}")
-        for name in out_features:
-            _check_choice("MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES", name, _STAGE_NAMES)
+        require(variant in VARIANTS, "variant", variant, f"must be one of {list(VARIANTS)}")
+        require(norm in NORMS, "norm", norm, f"must be one of {list(NORMS)}")
+        require(is_int(freeze_at) and 0 <= freeze_at <= 5, "freeze_at", freeze_at, "must be 0 .. 5")
+        require(len(out_features) > 0 and set(out_features) <= set(STAGE_NAMES), "out_features",
+                list(out_features), f"must be names among {list(STAGE_NAMES)}")
         self.body = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True,
                                       out_indices=(1, 2, 3, 4))
         info = self.body.feature_info
-        self._out_feature_strides = dict(zip(_STAGE_NAMES, info.reduction()))
-        self._out_feature_channels = dict(zip(_STAGE_NAMES, info.channels()))
+        self._out_feature_strides = dict(zip(STAGE_NAMES, info.reduction()))
+        self._out_feature_channels = dict(zip(STAGE_NAMES, info.channels()))
         # the blocks up to the deepest stage asked for; the state_dict stays a prefix of the full one
         deepest = max(self._out_feature_strides[name] for name in out_features)
         self.body.blocks = self.body.blocks[: _LAST_BLOCK_AT_STRIDE[deepest] + 1]
@@ -179,7 +175,7 @@ class EfficientNetLite(Backbone):
         return 32
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        outputs = dict(zip(_STAGE_NAMES, self.body(x)))  # the stages built
+        outputs = dict(zip(STAGE_NAMES, self.body(x)))  # the stages built
         return {name: outputs[name] for name in self._out_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
@@ -189,15 +185,7 @@ class EfficientNetLite(Backbone):
         }
 
 
-def _check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r}: expected one of {list(allowed)}")
-
-
-def _check_input_format(cfg) -> None:
-    # Lite was trained on RGB: BGR input silently costs much of the pretraining's value
-    if cfg.INPUT.FORMAT != "RGB":
-        raise ConfigError(f"INPUT.FORMAT = {cfg.INPUT.FORMAT!r}: EfficientNet-Lite expects \"RGB\"")
+def _warn_on_pixel_statistics(cfg) -> None:
     if [float(v) for v in cfg.MODEL.PIXEL_MEAN] != LITE_PIXEL_MEAN or \
             [float(v) for v in cfg.MODEL.PIXEL_STD] != LITE_PIXEL_STD:
         logger.warning(
@@ -209,18 +197,13 @@ def _check_input_format(cfg) -> None:
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
     """EfficientNet-Lite from ``MODEL.FPN_RPN.EFFICIENTNET.*`` and ``MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ConfigError(f"EfficientNet-Lite takes 3-channel RGB input, got {input_shape.channels} channels")
-    _check_input_format(cfg)
+    check_efficientnet_config(cfg, input_shape.channels, cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES)
+    _warn_on_pixel_statistics(cfg)
     return _build_lite(cfg, cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES)
 
 
 def _build_lite(cfg, out_features) -> EfficientNetLite:
     ecfg = cfg.MODEL.FPN_RPN.EFFICIENTNET
-    if ecfg.NORM == "SyncBN" and cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
-        # torch's SyncBatchNorm raises in training on CPU tensors once several processes run
-        raise ConfigError("MODEL.FPN_RPN.EFFICIENTNET.NORM = 'SyncBN' needs GPUs with several processes "
-                          "(torch's SyncBatchNorm): use 'BN' or 'FrozenBN' on CPU")
     return EfficientNetLite(
         variant=ecfg.VARIANT,
         pretrained=ecfg.PRETRAINED,
@@ -240,14 +223,9 @@ def build_efficientnet_lite_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     The backbone is built for the FPN's inputs only: a stage in OUT_FEATURES that the FPN
     does not read would get no gradient.
     """
-    if input_shape.channels != 3:
-        raise ConfigError(f"EfficientNet-Lite takes 3-channel RGB input, got {input_shape.channels} channels")
-    _check_input_format(cfg)
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
-    missing = [f for f in in_features if f not in cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES]
-    if missing:
-        raise ConfigError(f"MODEL.FPN.IN_FEATURES names {missing}, which MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES "
-                          f"= {list(cfg.MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES)} does not give")
+    check_efficientnet_config(cfg, input_shape.channels, in_features)
+    _warn_on_pixel_statistics(cfg)
     bottom_up = _build_lite(cfg, in_features)
     top_block = LastLevelMaxPool()
     # Detectron2's FPN names its outputs p<log2 stride>; the extra level pools the last of them

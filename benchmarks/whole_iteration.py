@@ -1,16 +1,18 @@
 """
 Whole training iterations and whole inference passes of the configs fpn_rpn ships:
 what users live with (backbone, FPN, RPN, losses, backward and optimizer step), timed
-for Detectron2's stock RPN, for fpn_rpn, and for fpn_rpn with each of its speed-ups
-switched off in turn, side by side in one process on the same images.
+for Detectron2's stock RPN, for fpn_rpn, and for fpn_rpn with its one speed-up, the
+sparse head backward (``MODEL.FPN_RPN.SPARSE_HEAD_BACKWARD``, training only), switched
+off, side by side in one process on the same images.
 
-A speed-up's worth is the share of the whole iteration it saves: 1 - t(on) / t(off),
+The speed-up's worth is the share of the whole iteration it saves: 1 - t(on) / t(off),
 per round (the models take turns within a round), reported as the median and the
 range over rounds. Data loading is left out (the images are mapped once, before).
 """
 import copy
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
@@ -20,23 +22,22 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
-from ..config import setup_cfg
-from ..modeling.speedups import SpeedUps, speedups_off
-from .proposal_sources import get_dataset_dicts
-from .timing import time_calls
+from fpn_rpn import setup_cfg
+from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
+from timing import time_calls  # benchmarks/
 
-__all__ = ["SHIPPED_CONFIGS", "SPEEDUP_NAMES", "WholeResult", "benchmark_config", "format_whole_table", "load_batch",
-           "whole_steps"]
+__all__ = ["SHIPPED_CONFIGS", "WholeResult", "benchmark_config", "format_whole_table", "load_batch", "whole_steps"]
 
-# name -> (config file relative to the repository, images per iteration and process)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# name -> (config file, images per iteration and process)
 SHIPPED_CONFIGS = {
-    "demo": ("configs/demo/fpn_rpn_EffLite0_synthetic.yaml", 4),
-    "Lite0 CPU": ("configs/fpn_rpn_EffLite0_FPN_coco_cpu.yaml", 4),
-    "R50-FPN 800px": ("configs/fpn_rpn_R_50_FPN_1x.yaml", 2),  # its 16 images over 8 GPUs
+    "demo": (str(CONFIGS / "demo" / "fpn_rpn_EffLite0_synthetic.yaml"), 4),
+    "Lite0 CPU": (str(CONFIGS / "fpn_rpn_EffLite0_FPN_coco_cpu.yaml"), 4),
+    "R50-FPN 800px": (str(CONFIGS / "fpn_rpn_R_50_FPN_1x.yaml"), 2),  # its 16 images over 8 GPUs
 }
 STOCK_RPN_OPTS = ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN", "MODEL.RPN.HEAD_NAME", "StandardRPNHead",
                   "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"]
-SPEEDUP_NAMES = ("sparse_head_backward",) + tuple(f.name for f in fields(SpeedUps))
+SPARSE_BACKWARD = "sparse_head_backward"
 STOCK, OURS = "stock RPN", "fpn_rpn"
 SETTINGS = ("train", "inference")
 
@@ -86,7 +87,7 @@ def whole_steps(models: Dict[str, tuple], batch: List[dict], is_train: bool) -> 
     """
     One whole training iteration (SGD at LR 0, so that every round computes the same thing)
     or inference pass on ``batch`` per model of ``models`` ({name: (cfg, model)}), for
-    :func:`~fpn_rpn.analysis.timing.time_calls`.
+    :func:`timing.time_calls`.
     """
     steps = {}
     for name, (cfg, model) in models.items():
@@ -100,14 +101,11 @@ def whole_steps(models: Dict[str, tuple], batch: List[dict], is_train: bool) -> 
     return steps
 
 
-def _switched_off(step, model, name: str):
-    """``step`` run with the speed-up ``name`` off."""
+def _dense_backward(step, model):
+    """``step`` run with the head's sparse backward off."""
     head = model.proposal_generator.rpn_head
 
     def off():
-        if name != "sparse_head_backward":
-            with speedups_off(name):
-                return step()
         head.sparse_backward = False
         try:
             return step()
@@ -137,9 +135,8 @@ def benchmark_config(name: str, config_file: str, batch_size: int, train_dataset
         is_train = setting == "train"
         batch = load_batch(cfg, train_dataset if is_train else test_dataset, batch_size, is_train)
         steps = whole_steps({STOCK: (cfg, stock), OURS: (cfg, ours)}, batch, is_train)
-        for speedup in SPEEDUP_NAMES:
-            if is_train or speedup != "sparse_head_backward":  # training-only
-                steps[without(speedup)] = _switched_off(steps[OURS], ours, speedup)
+        if is_train:
+            steps[without(SPARSE_BACKWARD)] = _dense_backward(steps[OURS], ours)
         times = time_calls(steps, repeats, warmup, torch.device(cfg.MODEL.DEVICE), desc=f"{name} {setting}")
         results.append(WholeResult(name, setting, len(batch), times))
     return results
@@ -152,7 +149,7 @@ def _median_range(values: Sequence[float], fmt: str) -> str:
 def format_whole_table(results: Sequence[WholeResult]) -> str:
     """
     One row per config, setting and variant: seconds per call, and against fpn_rpn with
-    everything on, per round: stock / fpn_rpn for the stock RPN, the share a speed-up saves
+    everything on, per round: stock / fpn_rpn for the stock RPN, the share the speed-up saves
     (1 - on / off) for the variants without one.
     """
     lines = ["| config | setting | images | variant | s per call, median [min, max] | vs fpn_rpn, per round |",

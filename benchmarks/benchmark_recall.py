@@ -9,7 +9,7 @@ repeatable: gts of log-uniform size (all three area ranges occur, 1% crowd), and
 image 30% of the proposals jittered around the gts, the rest random boxes, with
 random scores.
 
-    python tools/benchmark_recall.py [--images 5000] [--proposals 1000] [--gts 7]
+    python benchmarks/benchmark_recall.py [--images 5000] [--proposals 1000] [--gts 7]
 """
 import argparse
 import time
@@ -59,7 +59,7 @@ def main():
     parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example (the figure in docs/performance.md):\n"
-               "    python tools/benchmark_recall.py --images 5000 --proposals 1000 --gts 7",
+               "    python benchmarks/benchmark_recall.py --images 5000 --proposals 1000 --gts 7",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", type=positive_int, default=5000, help="synthetic images to score (default: %(default)s)")

@@ -3,13 +3,13 @@
 Time fpn_rpn against Detectron2's stock RPN, side by side: whole iterations of the
 shipped configs (what users live with), and the proposal generator alone.
 
-``--scope whole`` (fpn_rpn.analysis.whole_iteration): for each shipped config (the demo,
+``--scope whole`` (benchmarks/whole_iteration.py): for each shipped config (the demo,
 the EfficientNet-Lite0 CPU config, R50-FPN at 800 px), whole training iterations
 (forward, losses, backward, optimizer step) and whole inference passes of the model
-with Detectron2's stock RPN, with fpn_rpn, and with fpn_rpn with each of its speed-ups
-switched off in turn, on the same real images (coco_mini, mapped as the config's
+with Detectron2's stock RPN, with fpn_rpn, and with fpn_rpn with its sparse head backward
+switched off, on the same real images (coco_mini, mapped as the config's
 loader maps them). The table gives seconds per call and, per round, the stock / fpn_rpn
-ratio and the share of the whole call that each speed-up saves.
+ratio and the share of the whole call that the sparse head backward saves.
 
 ``--scope rpn``: one process builds Detectron2's ``RPN`` (configs/stock_rpn_R_50_FPN_1x.yaml) and
 ``FPNRPN`` (configs/fpn_rpn_R_50_FPN_1x.yaml) in both NMS modes, with the same head
@@ -26,16 +26,16 @@ shaped features (P2-P6, 256 channels, random normal) of a batch of 800x1333 imag
   and the features, which require grad as they would under a backbone.
 
 Each setting and batch size runs the models in turn, round after round (the order
-rotates every round), after warm-up runs; the table gives the median time of each,
+is shuffled every round), after warm-up runs; the table gives the median time of each,
 [min-max] over the rounds as the noise, and the ratio stock / ours. Peak memory is the
 most memory allocated during one call beyond what was allocated before it: on CUDA
 from ``torch.cuda.max_memory_allocated``; on CPU from the allocation events of
 ``torch.profiler`` (``profile_memory=True``), which count tensor memory (not the
 allocator's free lists, nor Python objects), in a separate, untimed run.
 
-    python tools/benchmark_rpn.py [--device cpu|cuda] [--batch-sizes 1 2 8] [--repeats 5]
-    python tools/benchmark_rpn.py --quick     # batch 1 and 2, 3 rounds
-    python tools/benchmark_rpn.py --scope whole --configs demo "Lite0 CPU" --whole-repeats 5
+    python benchmarks/benchmark_rpn.py [--device cpu|cuda] [--batch-sizes 1 2 8] [--repeats 5]
+    python benchmarks/benchmark_rpn.py --quick     # batch 1 and 2, 3 rounds
+    python benchmarks/benchmark_rpn.py --scope whole --configs demo "Lite0 CPU" --whole-repeats 5
 """
 import argparse
 import contextlib
@@ -56,8 +56,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 from fpn_rpn import setup_cfg
-from fpn_rpn.analysis.timing import synchronize, time_calls
-from fpn_rpn.analysis.whole_iteration import SHIPPED_CONFIGS, benchmark_config, format_whole_table
+from timing import synchronize, time_calls  # benchmarks/
+from whole_iteration import SHIPPED_CONFIGS, benchmark_config, format_whole_table
 from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
 
 # Raised inside Detectron2 v0.6's stock anchor generator, which the benchmark runs as the reference.
@@ -238,8 +238,8 @@ def main():
     parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example (the whole-iteration table of docs/performance.md; its duration is there too):\n"
-               "    python tools/benchmark_rpn.py --scope whole --whole-repeats 3\n"
-               "More on what each scope times: the module docstring (tools/benchmark_rpn.py).",
+               "    python benchmarks/benchmark_rpn.py --scope whole --whole-repeats 3\n"
+               "More on what each scope times: the module docstring (benchmarks/benchmark_rpn.py).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N) (default: %(default)s)")
