@@ -34,7 +34,8 @@ def _time(fn, x):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n    .venv/bin/python benchmarks/adaptive_conv.py --rounds 7")
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 128, 112, 112], metavar=("N", "C", "H", "W"),
                         help="input size (default: 4 128 112 112, P2 of the Lite0 configs at batch 4)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up (default: 7)")

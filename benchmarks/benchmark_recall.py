@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_float, positive_int
+from fpn_rpn.cli import ArgumentParser, non_negative_int, positive_float, positive_int
 from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS, evaluate_recall, format_recall_table
 
 IMAGE_W, IMAGE_H = 640, 480

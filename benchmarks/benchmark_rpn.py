@@ -58,7 +58,7 @@ from torch import nn
 from fpn_rpn import setup_cfg
 from timing import synchronize, time_calls  # benchmarks/
 from whole_iteration import SHIPPED_CONFIGS, benchmark_config, format_whole_table
-from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
+from fpn_rpn.cli import ArgumentParser, non_negative_int, positive_int, run_cli
 
 # Raised inside Detectron2 v0.6's stock anchor generator, which the benchmark runs as the reference.
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)

@@ -22,7 +22,8 @@ from timing import time_calls  # benchmarks/
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n    .venv/bin/python benchmarks/timing_order.py --sessions 6")
     parser.add_argument("--sessions", type=int, default=6, help="measurements of the ratio per method (default: 6)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per contender per session (default: 2)")
     args = parser.parse_args()

@@ -76,7 +76,7 @@ def load_tool(name: str):
 
 def cli(capsys, tool: str, argv):
     """(exit status, stderr lines) of tools/<tool>.py with ``argv``, ended as its __main__ ends it."""
-    from fpn_rpn.errors import run_cli
+    from fpn_rpn.cli import run_cli
 
     with pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", [f"tools/{tool}.py"]):  # argparse's prog
         run_cli(load_tool(tool).main, f"{tool}.py", (argv,))

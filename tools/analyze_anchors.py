@@ -34,7 +34,8 @@ from fpn_rpn.analysis.anchor_analysis import (
 )
 from fpn_rpn.analysis.plots import plot_anchor_coverage
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
-from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli
+from fpn_rpn.errors import prepare_output_dir
+from fpn_rpn.cli import ArgumentParser, positive_int, run_cli
 
 
 def parse_args(argv=None):

@@ -55,16 +55,8 @@ import numpy as np
 import fpn_rpn  # noqa: F401  (before detectron2)
 from fpn_rpn import setup_cfg
 from fpn_rpn.data.categories import category_groups, check_coco_categories, describe
-from fpn_rpn.errors import (
-    ArgumentParser,
-    CheckpointError,
-    ConfigError,
-    non_negative_int,
-    positive_int,
-    prepare_output_dir,
-    run_cli,
-    unit_interval,
-)
+from fpn_rpn.errors import CheckpointError, ConfigError, prepare_output_dir
+from fpn_rpn.cli import ArgumentParser, non_negative_int, positive_int, run_cli, unit_interval
 from fpn_rpn.data.proposal_files import load_proposal_file
 from fpn_rpn.evaluation.duplicates import duplicates_per_image
 from fpn_rpn.evaluation.proposal_recall import COCO_IOU_THRESHOLDS, DEFAULT_BUDGETS, gt_from_coco

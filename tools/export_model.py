@@ -28,7 +28,8 @@ import fpn_rpn  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_model
 from fpn_rpn import setup_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
-from fpn_rpn.errors import ArgumentParser, prepare_output_dir, run_cli
+from fpn_rpn.errors import prepare_output_dir
+from fpn_rpn.cli import ArgumentParser, run_cli
 from fpn_rpn.export import EXPORT_FORMATS, EXPORT_METHODS, export_model, proposals_of, run_exported, sample_image
 
 COCO_MINI_VAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coco_mini", "val2017")

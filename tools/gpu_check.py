@@ -96,7 +96,7 @@ STEPS = tuple(_step_commands("python", Path("."), None))
 
 
 def parse_args(argv=None):
-    from fpn_rpn.errors import ArgumentParser
+    from fpn_rpn.cli import ArgumentParser
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -45,7 +45,8 @@ from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.config_checks import check_device
 from fpn_rpn.engine.lazy_overrides import apply_overrides
 from fpn_rpn.engine.launch import create_ddp_model, launch
-from fpn_rpn.errors import Interrupted, os_faults, prepare_output_dir, run_cli, tracebacks_to_log_only
+from fpn_rpn.errors import Interrupted, os_faults, prepare_output_dir
+from fpn_rpn.cli import run_cli, tracebacks_to_log_only
 
 logger = logging.getLogger("fpn_rpn")
 

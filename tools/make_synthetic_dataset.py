@@ -15,7 +15,7 @@ import argparse
 import fpn_rpn  # noqa: F401  (must precede detectron2, which fpn_rpn.data.datasets imports)
 from fpn_rpn.data import synthetic_data
 from fpn_rpn.data.datasets import synthetic_root
-from fpn_rpn.errors import ArgumentParser, non_negative_int, positive_int, run_cli
+from fpn_rpn.cli import ArgumentParser, non_negative_int, positive_int, run_cli
 
 
 def main():

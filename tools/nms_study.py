@@ -37,7 +37,8 @@ from fpn_rpn.analysis.paired_recall import pooled_ar
 from fpn_rpn.analysis.plots import plot_ar_vs_proposals
 from fpn_rpn.analysis.proposal_sources import get_dataset_dicts
 from fpn_rpn.analysis.recall_comparison import format_comparison_table, write_csv
-from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli, unit_interval
+from fpn_rpn.errors import prepare_output_dir
+from fpn_rpn.cli import ArgumentParser, positive_int, run_cli, unit_interval
 from fpn_rpn.evaluation.proposal_recall import DEFAULT_BUDGETS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ from fpn_rpn.config import check_cfg
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer
 from fpn_rpn.data.coco_checks import CheckedDatasetMapper
 from fpn_rpn.data.proposal_files import check_proposal_files
-from fpn_rpn.errors import CLEAR_ERRORS, ConfigError, Interrupted, error_line, run_cli  # noqa: F401  (re-exported for tests)
-from fpn_rpn.errors import os_faults, prepare_output_dir, tracebacks_to_log_only
+from fpn_rpn.cli import error_line, run_cli, tracebacks_to_log_only  # noqa: F401  (error_line: for tests)
+from fpn_rpn.errors import ConfigError, Interrupted, os_faults, prepare_output_dir  # noqa: F401  (ConfigError: for tests)
 from fpn_rpn.data.build import check_datasets, dataset_assertions, loader_worker_deaths, train_dataset_dicts
 from fpn_rpn.engine.hooks import no_eval_after_failure
 from fpn_rpn.engine.launch import cpu_ddp_for_trainer, launch

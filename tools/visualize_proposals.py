@@ -30,7 +30,8 @@ from fpn_rpn.analysis.proposal_sources import (
     run_model,
     split_config_and_weights,
 )
-from fpn_rpn.errors import ArgumentParser, positive_int, prepare_output_dir, run_cli
+from fpn_rpn.errors import prepare_output_dir
+from fpn_rpn.cli import ArgumentParser, positive_int, run_cli
 
 
 def _model_spec(text):

@@ -1,15 +1,13 @@
-"""The faults of a user's inputs or of a training run that fpn_rpn reports in one
-line, and how a command-line tool turns them into that line."""
-import argparse
+"""The faults of a user's inputs, of a training run and of the machine that fpn_rpn reports
+in one line: their exception classes, the rule a check raises by (:func:`require`, with
+:func:`is_int` and :func:`is_number`), and OSErrors of the machine turned into such lines.
+A command-line tool prints them with :func:`fpn_rpn.cli.run_cli`."""
 import contextlib
 import errno
-import logging
 import math
 import numbers
 import os
-import re
 import shutil
-import sys
 import tempfile
 
 __all__ = [
@@ -21,21 +19,14 @@ __all__ = [
     "OSFaultError",
     "Interrupted",
     "CLEAR_ERRORS",
-    "ArgumentParser",
-    "error_line",
+    "SYSTEM_ERRNOS",
     "examples",
     "first_line",
-    "non_negative_int",
-    "os_faults",
-    "prepare_output_dir",
-    "quiet_logging_errors",
     "is_int",
     "is_number",
+    "os_faults",
+    "prepare_output_dir",
     "require",
-    "positive_float",
-    "positive_int",
-    "run_cli",
-    "tracebacks_to_log_only",
     "write_fault",
 ]
 
@@ -166,53 +157,6 @@ def prepare_output_dir(path: str, option: str = "OUTPUT_DIR") -> str:
     return path
 
 
-def quiet_logging_errors() -> None:
-    """A log handler that cannot write (a full disk) drops the record silently instead of printing
-    ``--- Logging error ---`` and a traceback for every record; the fault itself surfaces at the
-    next checkpoint or file written, as one line."""
-    logging.raiseExceptions = False
-
-
-def _no_traceback(record: logging.LogRecord) -> bool:
-    return not record.exc_info
-
-
-def tracebacks_to_log_only() -> None:
-    """
-    The console handlers (stdout, stderr) of every logger drop records that carry a traceback,
-    such as Detectron2's ``logger.exception("Exception during training:")``: the traceback stays
-    in the log files (log.txt) and the terminal shows :func:`run_cli`'s one line.
-    """
-    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
-    loggers = [logging.getLogger()] + [
-        log for log in logging.Logger.manager.loggerDict.values() if isinstance(log, logging.Logger)]
-    for log in loggers:
-        for handler in log.handlers:
-            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-                    and id(getattr(handler, "stream", None)) in consoles and _no_traceback not in handler.filters):
-                handler.addFilter(_no_traceback)
-
-
-def error_line(error: BaseException):
-    """
-    The message of a CLEAR_ERRORS exception as one line, or None for other exceptions.
-    DataLoader workers and spawned processes re-raise an exception with its original
-    traceback as the message; the original message is taken from it.
-    """
-    text = str(error)
-    if "Traceback (most recent call last)" in text:
-        # the last "module.SomeError: message" line starts the message of the last exception
-        last = list(re.finditer(r"^(?:\w+\.)*(\w+(?:Error|Exception)): ", text, re.MULTILINE))[-1:]
-        if not last or last[0].group(1) not in {cls.__name__ for cls in CLEAR_ERRORS}:
-            return None
-        text = text[last[0].end():]
-    elif isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS:
-        text = str(write_fault(error))
-    elif not isinstance(error, CLEAR_ERRORS):
-        return None
-    return " ".join(text.split())
-
-
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none), for quoting it."""
     text = str(error).strip()
@@ -226,55 +170,3 @@ def examples(values, limit: int = 5) -> str:
     return ", ".join(v if isinstance(v, str) else repr(v) for v in values[:limit]) + more
 
 
-def run_cli(main, prog: str = None, args=()):
-    """
-    ``main(*args)`` of a command-line tool: a CLEAR_ERRORS fault ends it with one line on
-    stderr, ``<prog>: error: <message>``, and exit status 1; other exceptions are bugs and
-    keep their traceback. An OSError of the machine (:data:`SYSTEM_ERRNOS`: a full disk,
-    permissions) is such a fault too, naming the file. Ctrl-C ends it with ``<prog>: interrupted``
-    (or the message of :class:`Interrupted`) and exit status 130 (128 + SIGINT, as shells report it).
-    """
-    quiet_logging_errors()
-    try:
-        return main(*args)
-    except KeyboardInterrupt as e:
-        print(f"{prog or _prog()}: {e if isinstance(e, Interrupted) and str(e) else 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        line = error_line(e)
-        if line is None:
-            raise
-        print(f"{prog or _prog()}: error: {line}", file=sys.stderr)
-        sys.exit(1)
-
-
-def _prog() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fpn_rpn"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but misuse ends with one line (no usage block) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _checked(kind, ok, what):
-    """An argparse ``type``: ``kind(text)``, refused unless ``ok(value)``, as "<text> is not <what>"."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    return parse
-
-
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-unit_interval = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")

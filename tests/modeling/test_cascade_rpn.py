@@ -207,3 +207,17 @@ def test_single_stage_head_refuses_the_cascade():
     head = CascadeRPNHead(in_channels=C, strides=[4])
     with pytest.raises(TypeError, match="two stages"):
         head([torch.zeros(1, C, 4, 4)])
+
+
+@pytest.mark.parametrize("argument, value, match", [
+    ("center_ratio", 0.0, r"^center_ratio = 0.0 is invalid: must be in \(0, 1\]"),
+    ("ignore_ratio", 0.1, r"^ignore_ratio = 0.1 is invalid: must be in \[center_ratio \(0.2\), 1\]"),
+    ("min_pos_iou", 1.5, r"^min_pos_iou = 1.5 is invalid: must be in \[0, 1\]"),
+    ("stage1_loss_weight", -1.0, r"^stage1_loss_weight = -1.0 is invalid: must be >= 0"),
+    ("box_reg_loss_type", "smooth_l1", r"^box_reg_loss_type = 'smooth_l1' is invalid: CascadeRPN regresses decoded"),
+])
+def test_constructor_names_its_bad_argument(argument, value, match):
+    # a LazyConfig user passes arguments, not keys: the message names the argument
+    kwargs = CascadeRPN.from_config(_cfg(), SHAPES)
+    with pytest.raises(ConfigError, match=match):
+        CascadeRPN(**{**kwargs, argument: value})

@@ -21,7 +21,8 @@ import torch
 from conftest import REPO, cli, load_tool, needs_coco_mini
 from fpn_rpn.engine.checkpoint import CheckedCheckpointer, CheckpointError
 from fpn_rpn.config_checks import check_device
-from fpn_rpn.errors import ConfigError, OSFaultError, prepare_output_dir, run_cli
+from fpn_rpn.errors import ConfigError, OSFaultError, prepare_output_dir
+from fpn_rpn.cli import run_cli
 from test_robustness_faults import (CONFIG, ENV, _command, _dataset_copy, _model, _run, _tiny_dataset,
                                     _with_train_set)
 

@@ -32,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import (create_local_process_group, default_store, find_free_port, process_groups,
                       release_detectron2_process_groups)
-from ..errors import OSFaultError, PeerFailedError, ProcessDiedError, quiet_logging_errors
+from ..errors import OSFaultError, PeerFailedError, ProcessDiedError
+from ..cli import quiet_logging_errors
 
 __all__ = ["launch", "check_port", "create_ddp_model", "cpu_ddp_for_trainer", "destroy_process_group"]
 

@@ -8,10 +8,10 @@ from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGI
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from ..errors import ConfigError
+from ..config_checks import check_cascade_config
+from ..errors import require
 from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
 from .cascade_rpn_head import CascadeRPNHead
-from ..config_checks import check_cascade_config
 from .proposal_generator import FPNRPN
 from .proposal_selection import clip_boxes, image_sizes_tensor
 from .region_assignment import assign_by_region
@@ -70,17 +70,15 @@ class CascadeRPN(FPNRPN):
             Others: see :class:`FPNRPN` (they apply to stage 2).
         """
         super().__init__(**kwargs)
-        if not isinstance(self.rpn_head, CascadeRPNHead):
-            raise ConfigError(f"CascadeRPN needs the head CascadeRPNHead (MODEL.RPN.HEAD_NAME), got "
-                              f"{type(self.rpn_head).__name__}")
-        if not 0.0 < center_ratio <= ignore_ratio <= 1.0:
-            raise ConfigError(f"center_ratio and ignore_ratio must satisfy 0 < center_ratio <= ignore_ratio <= 1, "
-                              f"got {center_ratio} and {ignore_ratio}")
-        if not 0.0 <= min_pos_iou <= 1.0:
-            raise ConfigError(f"min_pos_iou must be in [0, 1], got {min_pos_iou}")
-        if self.box_reg_loss_type not in DECODED_BOX_LOSS_TYPES:
-            raise ConfigError(f"CascadeRPN regresses decoded boxes: box_reg_loss_type must be one of "
-                              f"{DECODED_BOX_LOSS_TYPES}, got {self.box_reg_loss_type!r}")
+        require(isinstance(self.rpn_head, CascadeRPNHead), "head", type(self.rpn_head).__name__,
+                "CascadeRPN needs a CascadeRPNHead")
+        require(0.0 < center_ratio <= 1.0, "center_ratio", center_ratio, "must be in (0, 1]")
+        require(center_ratio <= ignore_ratio <= 1.0, "ignore_ratio", ignore_ratio,
+                f"must be in [center_ratio ({center_ratio}), 1]")
+        require(0.0 <= min_pos_iou <= 1.0, "min_pos_iou", min_pos_iou, "must be in [0, 1]")
+        require(stage1_loss_weight >= 0, "stage1_loss_weight", stage1_loss_weight, "must be >= 0")
+        require(self.box_reg_loss_type in DECODED_BOX_LOSS_TYPES, "box_reg_loss_type", self.box_reg_loss_type,
+                f"CascadeRPN regresses decoded boxes: must be one of {DECODED_BOX_LOSS_TYPES}")
         self.stage1_box2box_transform = stage1_box2box_transform
         self.stage1_loss_weight = stage1_loss_weight
         self.center_ratio = center_ratio
