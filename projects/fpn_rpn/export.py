@@ -11,7 +11,7 @@ command line.
   :class:`ScriptableProposalNetwork` (ProposalNetwork's ``forward`` takes untyped dicts).
 
 fpn_rpn's modules take their plain code paths under ``torch.jit.trace`` and
-``torch.jit.script`` (no NMS threads, no anchor cache, no custom head backward, sizes from
+``torch.jit.script`` (no custom head backward, no ``.tolist()``, sizes from
 the graph); the proposals are those of eager mode.
 """
 import os
