@@ -1,9 +1,15 @@
 """The benchmarks' timing: rounds in shuffled order, and ratios and savings taken per round."""
 import fpn_rpn  # noqa: F401  # before detectron2
 
+import sys
+from pathlib import Path
+
 import torch
-from timing import time_calls
-from whole_iteration import OURS, STOCK, WholeResult, format_whole_table, without
+
+# the benchmarks' helper modules live beside their scripts, outside the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from timing import time_calls  # noqa: E402
+from whole_iteration import OURS, STOCK, WholeResult, format_whole_table, without  # noqa: E402
 
 
 def test_ratios_and_savings_are_per_round():
