@@ -20,8 +20,9 @@ from detectron2.utils import comm
 
 from .data.categories import category_groups, category_ids
 from .errors import ConfigError, is_int, is_number, require
-from .modeling.adaptive_conv import ADAPTIVE_CONV_IMPLS
-from .modeling.box_losses import DECODED_BOX_LOSS_TYPES
+from .choices import (ADAPTIVE_CONV_IMPLS, BOX_REG_LOSS_TYPES, DECODED_BOX_LOSS_TYPES, EFFICIENTNET_NORMS,
+                               EFFICIENTNET_STAGES, EFFICIENTNET_VARIANTS, LOSS_NORMALIZERS, NMS_MODES,
+                               OBJECTNESS_MODES)
 
 __all__ = ["check_cascade_config", "check_component_names", "check_device", "check_efficientnet_config",
            "check_rpn_config", "check_run_config"]
@@ -99,10 +100,6 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
 
 def _check_choices(cfg):
     """The keys with a fixed set of values, each named with the values of the module that owns them."""
-    # imported here: those modules import this one
-    from .modeling.proposal_generator import BOX_REG_LOSS_TYPES, LOSS_NORMALIZERS, NMS_MODES
-    from .modeling.rpn_head import OBJECTNESS_MODES
-
     fpn_rpn = cfg.MODEL.FPN_RPN
     for key, value, choices in (
         ("MODEL.FPN_RPN.OBJECTNESS", fpn_rpn.OBJECTNESS, OBJECTNESS_MODES),
@@ -141,16 +138,15 @@ def check_efficientnet_config(cfg, input_channels: int, out_features) -> None:
     from (``MODEL.FPN_RPN.EFFICIENTNET.*``, ``MODEL.BACKBONE.FREEZE_AT``, ``INPUT.FORMAT``, the
     pixel statistics' channels). ``out_features``: the stages the backbone must give.
     """
-    from .modeling.backbone.efficientnet_lite import NORMS, STAGE_NAMES, VARIANTS
-
     ecfg = cfg.MODEL.FPN_RPN.EFFICIENTNET
     require(input_channels == 3, "MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN),
             f"gives {input_channels} input channels; EfficientNet-Lite takes 3 (RGB)")
     # Lite was trained on RGB: BGR input silently costs much of the pretraining's value
     require(cfg.INPUT.FORMAT == "RGB", "INPUT.FORMAT", cfg.INPUT.FORMAT, 'EfficientNet-Lite expects "RGB"')
-    require(ecfg.VARIANT in VARIANTS, "MODEL.FPN_RPN.EFFICIENTNET.VARIANT", ecfg.VARIANT,
-            f"must be one of {list(VARIANTS)}")
-    require(ecfg.NORM in NORMS, "MODEL.FPN_RPN.EFFICIENTNET.NORM", ecfg.NORM, f"must be one of {list(NORMS)}")
+    require(ecfg.VARIANT in EFFICIENTNET_VARIANTS, "MODEL.FPN_RPN.EFFICIENTNET.VARIANT", ecfg.VARIANT,
+            f"must be one of {list(EFFICIENTNET_VARIANTS)}")
+    require(ecfg.NORM in EFFICIENTNET_NORMS, "MODEL.FPN_RPN.EFFICIENTNET.NORM", ecfg.NORM,
+            f"must be one of {list(EFFICIENTNET_NORMS)}")
     # torch's SyncBatchNorm raises in training on CPU tensors once several processes run
     require(not (ecfg.NORM == "SyncBN" and cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1),
             "MODEL.FPN_RPN.EFFICIENTNET.NORM", ecfg.NORM,
@@ -158,8 +154,8 @@ def check_efficientnet_config(cfg, input_channels: int, out_features) -> None:
     require(is_int(cfg.MODEL.BACKBONE.FREEZE_AT) and 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= 5,
             "MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT, "must be 0 .. 5 for EfficientNet-Lite")
     given = list(ecfg.OUT_FEATURES)
-    require(len(given) > 0 and set(given) <= set(STAGE_NAMES), "MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES", given,
-            f"must be names among {list(STAGE_NAMES)}")
+    require(len(given) > 0 and set(given) <= set(EFFICIENTNET_STAGES), "MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES", given,
+            f"must be names among {list(EFFICIENTNET_STAGES)}")
     missing = [f for f in out_features if f not in given]
     require(not missing, "MODEL.FPN.IN_FEATURES", list(out_features),
             f"names {missing}, which MODEL.FPN_RPN.EFFICIENTNET.OUT_FEATURES = {given} does not give")

@@ -14,6 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from fpn_rpn.errors import ConfigError
+from fpn_rpn.choices import EFFICIENTNET_STAGES
 from fpn_rpn.modeling.backbone import efficientnet_lite
 
 
@@ -161,7 +162,7 @@ def test_bad_backbone_config_names_the_key(opts, words):
 # ---------------------------------------------------------------- stages built, gradients, SyncBN
 
 # every non-empty choice of stages, in stride order
-OUT_FEATURE_CHOICES = [list(c) for k in range(1, 5) for c in itertools.combinations(efficientnet_lite.STAGE_NAMES, k)]
+OUT_FEATURE_CHOICES = [list(c) for k in range(1, 5) for c in itertools.combinations(EFFICIENTNET_STAGES, k)]
 
 
 def _untrained_parameters(module):

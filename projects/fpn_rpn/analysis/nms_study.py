@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..evaluation.duplicates import duplicates_per_image
-from ..modeling.proposal_generator import NMS_MODES
+from ..choices import NMS_MODES
 from ..evaluation.proposal_recall import gt_from_coco, metric_name
 from ..evaluation.recall_evaluator import load_coco_ground_truth
 from .paired_recall import paired_difference, per_image_counts, pooled_ar

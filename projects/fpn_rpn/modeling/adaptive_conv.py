@@ -26,11 +26,11 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from ..errors import ConfigError
+from ..choices import ADAPTIVE_CONV_IMPLS
 
-__all__ = ["AdaptiveConv", "ADAPT_MODES", "ADAPTIVE_CONV_IMPLS", "box_aligned_offsets", "sampling_locations"]
+__all__ = ["AdaptiveConv", "ADAPT_MODES", "box_aligned_offsets", "sampling_locations"]
 
 ADAPT_MODES = ("dilation", "offset")
-ADAPTIVE_CONV_IMPLS = ("grid_sample", "deform_conv2d")
 # (ky, kx) of the 3x3 taps relative to the centre tap, in a conv weight's (3, 3) order
 _TAP_Y = torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
 _TAP_X = torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 1.0])

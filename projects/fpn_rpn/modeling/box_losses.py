@@ -4,9 +4,9 @@ from detectron2.structures import Boxes
 from detectron2.structures.boxes import matched_pairwise_iou
 from fvcore.nn import giou_loss
 
-__all__ = ["DECODED_BOX_LOSS_TYPES", "box_regression_loss", "iou_loss"]
+from ..choices import DECODED_BOX_LOSS_TYPES
 
-DECODED_BOX_LOSS_TYPES = ("iou", "giou")
+__all__ = ["box_regression_loss", "iou_loss"]
 
 
 def iou_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -10,8 +10,9 @@ from detectron2.utils.events import get_event_storage
 
 from ..config_checks import check_cascade_config
 from ..errors import require
-from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
+from .box_losses import box_regression_loss
 from .cascade_rpn_head import CascadeRPNHead
+from ..choices import DECODED_BOX_LOSS_TYPES
 from .proposal_generator import FPNRPN
 from .proposal_selection import clip_boxes, image_sizes_tensor
 from .region_assignment import assign_by_region

@@ -10,17 +10,14 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 
-from .box_losses import DECODED_BOX_LOSS_TYPES, box_regression_loss
+from .box_losses import box_regression_loss
+from ..choices import BOX_REG_LOSS_TYPES, LOSS_NORMALIZERS, NMS_MODES
 from ..config_checks import check_rpn_config
 from ..errors import require
 from .localization_quality import OBJECTNESS_TARGETS, centerness_labels, centerness_loss
 from .proposal_selection import select_proposals, top_k_proposals_per_level
 
-__all__ = ["FPNRPN", "NMS_MODES", "LOSS_NORMALIZERS", "BOX_REG_LOSS_TYPES"]
-
-NMS_MODES = ("cross_level", "per_level")
-LOSS_NORMALIZERS = ("batch_size", "num_sampled", "num_positive", "anchor_locations")
-BOX_REG_LOSS_TYPES = ("smooth_l1", "l1") + DECODED_BOX_LOSS_TYPES
+__all__ = ["FPNRPN"]
 
 
 def _anchor_tensors(anchors: List[Boxes]) -> List[torch.Tensor]:

@@ -8,10 +8,9 @@ from detectron2.layers import Conv2d
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
 from ..errors import require
+from ..choices import OBJECTNESS_MODES
 
-__all__ = ["FPNRPNHead", "OBJECTNESS_MODES"]
-
-OBJECTNESS_MODES = ("sigmoid", "softmax", "centerness")
+__all__ = ["FPNRPNHead"]
 
 # The sparse backward is used while at most this fraction of the locations get a gradient.
 _SPARSE_MAX_FRACTION = 1 / 8

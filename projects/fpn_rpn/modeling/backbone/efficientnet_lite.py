@@ -38,6 +38,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from ...config_checks import check_efficientnet_config
 from ...errors import ConfigError, is_int, require
+from ...choices import EFFICIENTNET_NORMS, EFFICIENTNET_STAGES, EFFICIENTNET_VARIANTS
 
 __all__ = [
     "EfficientNetLite",
@@ -48,13 +49,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("lite0", "lite1", "lite2")
-NORMS = ("FrozenBN", "BN", "SyncBN")
 # EfficientNet-Lite's own preprocessing (RGB, (x - 127) / 128), as in its TF release
 LITE_PIXEL_MEAN = [127.0, 127.0, 127.0]
 LITE_PIXEL_STD = [128.0, 128.0, 128.0]
-# timm's features_only out_indices 1-4: the outputs at strides 4, 8, 16, 32
-STAGE_NAMES = ("stage2", "stage3", "stage4", "stage5")
 # Which of timm's ``blocks`` end at each stride: FREEZE_AT k freezes the stem and the
 # blocks of strides 2 .. 2**k (k = 2: stem + stride 4, as ResNet's stem + res2).
 _LAST_BLOCK_AT_STRIDE = {2: 0, 4: 1, 8: 2, 16: 4, 32: 6}
@@ -126,16 +123,16 @@ class EfficientNetLite(Backbone):
         super().__init__()
         import timm  # a dependency of this backbone only
 
-        require(variant in VARIANTS, "variant", variant, f"must be one of {list(VARIANTS)}")
-        require(norm in NORMS, "norm", norm, f"must be one of {list(NORMS)}")
+        require(variant in EFFICIENTNET_VARIANTS, "variant", variant, f"must be one of {list(EFFICIENTNET_VARIANTS)}")
+        require(norm in EFFICIENTNET_NORMS, "norm", norm, f"must be one of {list(EFFICIENTNET_NORMS)}")
         require(is_int(freeze_at) and 0 <= freeze_at <= 5, "freeze_at", freeze_at, "must be 0 .. 5")
-        require(len(out_features) > 0 and set(out_features) <= set(STAGE_NAMES), "out_features",
-                list(out_features), f"must be names among {list(STAGE_NAMES)}")
+        require(len(out_features) > 0 and set(out_features) <= set(EFFICIENTNET_STAGES), "out_features",
+                list(out_features), f"must be names among {list(EFFICIENTNET_STAGES)}")
         self.body = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True,
                                       out_indices=(1, 2, 3, 4))
         info = self.body.feature_info
-        self._out_feature_strides = dict(zip(STAGE_NAMES, info.reduction()))
-        self._out_feature_channels = dict(zip(STAGE_NAMES, info.channels()))
+        self._out_feature_strides = dict(zip(EFFICIENTNET_STAGES, info.reduction()))
+        self._out_feature_channels = dict(zip(EFFICIENTNET_STAGES, info.channels()))
         # the blocks up to the deepest stage asked for; the state_dict stays a prefix of the full one
         deepest = max(self._out_feature_strides[name] for name in out_features)
         self.body.blocks = self.body.blocks[: _LAST_BLOCK_AT_STRIDE[deepest] + 1]
@@ -175,7 +172,7 @@ class EfficientNetLite(Backbone):
         return 32
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        outputs = dict(zip(STAGE_NAMES, self.body(x)))  # the stages built
+        outputs = dict(zip(EFFICIENTNET_STAGES, self.body(x)))  # the stages built
         return {name: outputs[name] for name in self._out_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
