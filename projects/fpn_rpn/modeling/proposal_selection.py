@@ -143,7 +143,11 @@ def top_k_proposals_per_level(
 
 
 def clip_boxes(boxes: torch.Tensor, image_hw: torch.Tensor) -> torch.Tensor:
-    """boxes (R, 4) clipped to their image's (R, 2) height and width, as Boxes.clip does."""
+    """
+    boxes (R, 4) clipped to their image's (R, 2) height and width, as Boxes.clip does. Not
+    Boxes.clip itself: it takes one (h, w) of Python numbers, and here each row has its own
+    image (the whole batch at once), and the sizes are tensors a traced graph computes.
+    """
     h, w = image_hw[:, 0], image_hw[:, 1]
     x1 = torch.minimum(boxes[:, 0].clamp(min=0), w)
     y1 = torch.minimum(boxes[:, 1].clamp(min=0), h)
