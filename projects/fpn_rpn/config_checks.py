@@ -18,11 +18,10 @@ from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGI
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 from detectron2.utils import comm
 
+from .choices import (ADAPTIVE_CONV_IMPLS, BOX_REG_LOSS_TYPES, DECODED_BOX_LOSS_TYPES, EFFICIENTNET_NORMS,
+                      EFFICIENTNET_STAGES, EFFICIENTNET_VARIANTS, LOSS_NORMALIZERS, NMS_MODES, OBJECTNESS_MODES)
 from .data.categories import category_groups, category_ids
 from .errors import ConfigError, is_int, is_number, require
-from .choices import (ADAPTIVE_CONV_IMPLS, BOX_REG_LOSS_TYPES, DECODED_BOX_LOSS_TYPES, EFFICIENTNET_NORMS,
-                               EFFICIENTNET_STAGES, EFFICIENTNET_VARIANTS, LOSS_NORMALIZERS, NMS_MODES,
-                               OBJECTNESS_MODES)
 
 __all__ = ["check_cascade_config", "check_component_names", "check_device", "check_efficientnet_config",
            "check_rpn_config", "check_run_config"]
@@ -51,7 +50,7 @@ def _check_box_weights(key: str, weights) -> None:
     """A Box2BoxTransform's (wx, wy, ww, wh): Detectron2 unpacks exactly four and divides by them."""
     weights = list(weights)
     require(len(weights) == 4 and all(is_number(w) and w > 0 for w in weights), key, weights,
-           "must be 4 positive numbers (wx, wy, ww, wh)")
+            "must be 4 positive numbers (wx, wy, ww, wh)")
 
 
 def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
@@ -60,17 +59,17 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
     check_component_names(cfg)
     missing = [f for f in rpn.IN_FEATURES if f not in input_shape]
     require(len(rpn.IN_FEATURES) > 0 and not missing, "MODEL.RPN.IN_FEATURES", list(rpn.IN_FEATURES),
-           f"must be a non-empty subset of the backbone's outputs {sorted(input_shape)}")
+            f"must be a non-empty subset of the backbone's outputs {sorted(input_shape)}")
     thresholds = list(rpn.IOU_THRESHOLDS)
     require(all(0.0 <= t <= 1.0 for t in thresholds) and thresholds == sorted(thresholds),
-           "MODEL.RPN.IOU_THRESHOLDS", thresholds, "must be increasing values in [0, 1], e.g. [0.3, 0.7]")
+            "MODEL.RPN.IOU_THRESHOLDS", thresholds, "must be increasing values in [0, 1], e.g. [0.3, 0.7]")
     require(len(rpn.IOU_LABELS) == len(thresholds) + 1 and set(rpn.IOU_LABELS) <= {-1, 0, 1},
-           "MODEL.RPN.IOU_LABELS", list(rpn.IOU_LABELS),
-           f"must have len(IOU_THRESHOLDS) + 1 = {len(thresholds) + 1} values from {{-1, 0, 1}}")
+            "MODEL.RPN.IOU_LABELS", list(rpn.IOU_LABELS),
+            f"must have len(IOU_THRESHOLDS) + 1 = {len(thresholds) + 1} values from {{-1, 0, 1}}")
     require(0.0 <= rpn.POSITIVE_FRACTION <= 1.0, "MODEL.RPN.POSITIVE_FRACTION", rpn.POSITIVE_FRACTION,
-           "must be in [0, 1]")
+            "must be in [0, 1]")
     require(rpn.BATCH_SIZE_PER_IMAGE > 0, "MODEL.RPN.BATCH_SIZE_PER_IMAGE", rpn.BATCH_SIZE_PER_IMAGE,
-           "must be a positive integer")
+            "must be a positive integer")
     for key in ("PRE_NMS_TOPK_TRAIN", "PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TRAIN", "POST_NMS_TOPK_TEST"):
         value = rpn.get(key)
         require(value > 0, f"MODEL.RPN.{key}", value, "must be a positive integer")
@@ -83,23 +82,23 @@ def check_rpn_config(cfg, input_shape: Dict[str, ShapeSpec]):
                "must be a number >= 0")
     low_high = list(cfg.MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS)
     require(len(low_high) == 2 and all(is_number(t) for t in low_high) and 0 < low_high[0] <= low_high[1] <= 1,
-           "MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS", low_high,
-           "must be [negative below, positive from] with 0 < first <= second <= 1, e.g. [0.1, 0.3]")
+            "MODEL.FPN_RPN.CENTERNESS_IOU_THRESHOLDS", low_high,
+            "must be [negative below, positive from] with 0 < first <= second <= 1, e.g. [0.1, 0.3]")
     require(len(rpn.CONV_DIMS) > 0, "MODEL.RPN.CONV_DIMS", list(rpn.CONV_DIMS),
-           "give at least one conv width (-1 = input width)")
+            "give at least one conv width (-1 = input width)")
     _check_choices(cfg)
     require(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE >= 0, "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
-           cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
+            cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE, "must be >= 0 (pixels)")
     # Cascade RPN's head and generator go together
     cascade_head = rpn.HEAD_NAME == "CascadeRPNHead"
     cascade_generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME == "CascadeRPN"
     require(cascade_head == cascade_generator, "MODEL.RPN.HEAD_NAME", rpn.HEAD_NAME,
-           f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} needs "
-           + ("'CascadeRPNHead'" if cascade_generator else "a single-stage head; 'CascadeRPNHead' goes with 'CascadeRPN'"))
+            f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} needs "
+            + ("'CascadeRPNHead'" if cascade_generator else "a single-stage head; 'CascadeRPNHead' goes with 'CascadeRPN'"))
 
 
 def _check_choices(cfg):
-    """The keys with a fixed set of values, each named with the values of the module that owns them."""
+    """The keys with a fixed set of values, each named with its values (fpn_rpn.choices)."""
     fpn_rpn = cfg.MODEL.FPN_RPN
     for key, value, choices in (
         ("MODEL.FPN_RPN.OBJECTNESS", fpn_rpn.OBJECTNESS, OBJECTNESS_MODES),
@@ -110,7 +109,7 @@ def _check_choices(cfg):
     ):
         require(value in choices, key, value, f"must be one of {choices}")
     require(is_number(fpn_rpn.SCORE_THRESH_TEST) and 0.0 <= fpn_rpn.SCORE_THRESH_TEST < 1.0,
-           "MODEL.FPN_RPN.SCORE_THRESH_TEST", fpn_rpn.SCORE_THRESH_TEST, "must be in [0, 1)")
+            "MODEL.FPN_RPN.SCORE_THRESH_TEST", fpn_rpn.SCORE_THRESH_TEST, "must be in [0, 1)")
 
 
 def check_cascade_config(cfg):
@@ -118,18 +117,18 @@ def check_cascade_config(cfg):
     cascade = cfg.MODEL.FPN_RPN.CASCADE
     _check_box_weights("MODEL.FPN_RPN.CASCADE.STAGE1_BBOX_REG_WEIGHTS", cascade.STAGE1_BBOX_REG_WEIGHTS)
     require(cascade.STAGE1_LOSS_WEIGHT >= 0, "MODEL.FPN_RPN.CASCADE.STAGE1_LOSS_WEIGHT", cascade.STAGE1_LOSS_WEIGHT,
-           "must be >= 0")
+            "must be >= 0")
     require(0 < cascade.CENTER_RATIO <= 1, "MODEL.FPN_RPN.CASCADE.CENTER_RATIO", cascade.CENTER_RATIO,
-           "must be in (0, 1]")
+            "must be in (0, 1]")
     require(cascade.CENTER_RATIO <= cascade.IGNORE_RATIO <= 1, "MODEL.FPN_RPN.CASCADE.IGNORE_RATIO",
-           cascade.IGNORE_RATIO, f"must be in [CENTER_RATIO ({cascade.CENTER_RATIO}), 1]")
+            cascade.IGNORE_RATIO, f"must be in [CENTER_RATIO ({cascade.CENTER_RATIO}), 1]")
     require(is_int(cascade.DILATION) and cascade.DILATION >= 1, "MODEL.FPN_RPN.CASCADE.DILATION",
-           cascade.DILATION, "must be an integer >= 1")
+            cascade.DILATION, "must be an integer >= 1")
     require(0 <= cascade.MIN_POS_IOU <= 1, "MODEL.FPN_RPN.CASCADE.MIN_POS_IOU", cascade.MIN_POS_IOU, "must be in [0, 1]")
     require(cascade.ADAPTIVE_CONV_IMPL in ADAPTIVE_CONV_IMPLS, "MODEL.FPN_RPN.CASCADE.ADAPTIVE_CONV_IMPL",
-           cascade.ADAPTIVE_CONV_IMPL, f"must be one of {ADAPTIVE_CONV_IMPLS}")
+            cascade.ADAPTIVE_CONV_IMPL, f"must be one of {ADAPTIVE_CONV_IMPLS}")
     require(cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE in DECODED_BOX_LOSS_TYPES, "MODEL.RPN.BBOX_REG_LOSS_TYPE",
-           cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE, f"Cascade RPN regresses decoded boxes: one of {DECODED_BOX_LOSS_TYPES}")
+            cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE, f"Cascade RPN regresses decoded boxes: one of {DECODED_BOX_LOSS_TYPES}")
 
 
 def check_efficientnet_config(cfg, input_channels: int, out_features) -> None:
