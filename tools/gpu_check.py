@@ -360,7 +360,9 @@ def main(argv=None):
     rows = [(name, status, seconds, results + (_training_results(out, name) if name in TRAINING_STEPS else []))
             for name, status, seconds, results in rows]
     header = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; weights: {args.weights or 'random init (GroupNorm)'}")
+              f"{time.strftime('%Y-%m-%d %H:%M')}; weights: {args.weights or 'random init (GroupNorm)'}; "
+              f"EfficientNet-Lite0 (centerness_voc): "
+              f"{'ImageNet weights' if _has_lite0_weights() else 'random init (no efficientnet-lite0 weights package)'}")
     write_summary(rows, out, header)
     failed = [name for name, status, _, _ in rows if status != "ok"]
     print(f"gpu_check: {len(rows) - len(failed)} of {len(rows)} steps ok"

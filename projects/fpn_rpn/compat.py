@@ -171,12 +171,21 @@ def release_detectron2_process_groups() -> None:
 
 
 def default_store():
-    """The default process group's key-value store, or None where torch no longer gives it."""
+    """
+    The default process group's key-value store. Where torch no longer gives it, None, with a
+    warning: a failing CPU process then cannot name itself to its peers, which stop at the
+    process group's timeout instead (fpn_rpn.engine.launch).
+    """
+    import logging
+
     import torch.distributed as dist
 
     try:
         return dist.distributed_c10d._get_default_store()
-    except Exception:
+    except Exception as e:  # a private accessor: a torch release may move it
+        logging.getLogger(__name__).warning(
+            f"torch.distributed gives no default store ({type(e).__name__}: {e}): a failing process "
+            "will not stop the others before the process group's timeout")
         return None
 
 

@@ -10,6 +10,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 
+from .config_checks import check_component_names, check_run_config
 from .errors import ConfigError, first_line
 
 __all__ = ["add_fpn_rpn_config", "setup_cfg", "check_cfg"]
@@ -150,8 +151,6 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str]
 
 def check_cfg(cfg):
     """:func:`setup_cfg`'s checks (ConfigError), then ``cfg`` frozen."""
-    from .config_checks import check_component_names, check_run_config  # here: it imports the modeling modules
-
     check_component_names(cfg)
     check_run_config(cfg, comm.get_world_size())
     cfg.freeze()

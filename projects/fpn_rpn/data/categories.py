@@ -16,13 +16,12 @@ Detectron2's built-in COCO, and ``DATASETS.REGISTER_COCO`` files exported from C
 :func:`check_coco_categories` holds that rule.
 """
 import difflib
-from numbers import Integral
 from typing import Dict, FrozenSet, List, Mapping, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from ..errors import ConfigError, examples
+from ..errors import ConfigError, examples, is_int
 
 __all__ = [
     "COCO_THING_NAMES",
@@ -78,7 +77,7 @@ def category_ids(spec, key: str) -> FrozenSet[int]:
             ids |= NAMED_SETS[item]
         elif isinstance(item, str) and item in _ID_OF_NAME:
             ids.add(_ID_OF_NAME[item])
-        elif isinstance(item, Integral) and not isinstance(item, bool) and item in COCO_THING_NAMES:
+        elif is_int(item) and item in COCO_THING_NAMES:
             ids.add(int(item))
         else:
             raise ConfigError(f"{key}: {_unknown(item)}")
@@ -86,7 +85,7 @@ def category_ids(spec, key: str) -> FrozenSet[int]:
 
 
 def _unknown(item) -> str:
-    if isinstance(item, Integral) and not isinstance(item, bool):
+    if is_int(item):
         gaps = sorted(set(range(1, max(COCO_THING_NAMES) + 1)) - set(COCO_THING_NAMES))
         return f"{item} is not a COCO category id (COCO's are 1 to 90 without {', '.join(map(str, gaps))})"
     if not isinstance(item, str):
